@@ -1,0 +1,491 @@
+"""VanillaNet backbone (Chen et al., NeurIPS 2023) for MMDetection 3.x.
+
+A plain stack: a stem, then ``len(strides)`` blocks of 1x1 convs, pooling and a series-informed
+activation. Parameter names follow the published checkpoints in both the training structure and the
+fused deploy structure, so official weights load without renaming.
+"""
+import math
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from mmengine.model import BaseModule, constant_init, trunc_normal_init
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.utils.checkpoint import checkpoint
+
+from mmdet.registry import MODELS
+
+
+def _vanillanet_13_dims(width):
+    return [width, width, 2 * width] + [4 * width] * 7 + [8 * width, 8 * width]
+
+
+_STRIDES_13 = [1, 2, 2, 1, 1, 1, 1, 1, 1, 2, 1]
+
+# name -> dims (C0 ... Cn) and per-block strides; ``ada_pool`` lists blocks whose pool is adaptive.
+ARCH_SETTINGS = {
+    'vanillanet_5': dict(dims=[512, 1024, 2048, 4096], strides=[2, 2, 2]),
+    'vanillanet_6': dict(dims=[512, 1024, 2048, 4096, 4096], strides=[2, 2, 2, 1]),
+    'vanillanet_7': dict(dims=[512, 512, 1024, 2048, 4096, 4096], strides=[1, 2, 2, 2, 1]),
+    'vanillanet_8': dict(dims=[512, 512, 1024, 2048, 2048, 4096, 4096], strides=[1, 2, 2, 1, 2, 1]),
+    'vanillanet_9': dict(
+        dims=[512, 512, 1024, 2048, 2048, 2048, 4096, 4096], strides=[1, 2, 2, 1, 1, 2, 1]),
+    'vanillanet_10': dict(
+        dims=[512, 512, 1024] + [2048] * 4 + [4096, 4096], strides=[1, 2, 2, 1, 1, 1, 2, 1]),
+    'vanillanet_11': dict(
+        dims=[512, 512, 1024] + [2048] * 5 + [4096, 4096], strides=[1, 2, 2, 1, 1, 1, 1, 2, 1]),
+    'vanillanet_12': dict(
+        dims=[512, 512, 1024] + [2048] * 6 + [4096, 4096], strides=[1, 2, 2, 1, 1, 1, 1, 1, 2, 1]),
+    'vanillanet_13': dict(dims=_vanillanet_13_dims(512), strides=_STRIDES_13),
+    'vanillanet_13_x1_5': dict(dims=_vanillanet_13_dims(768), strides=_STRIDES_13),
+    'vanillanet_13_x1_5_ada_pool': dict(
+        dims=_vanillanet_13_dims(768), strides=_STRIDES_13, ada_pool=[1, 2, 9]),
+}
+
+STEM_KERNEL = 4
+
+
+def resolve_arch(arch):
+    """Turn an arch name or dict into ``dict(dims, strides, ada_pool)``, validated.
+
+    Args:
+        arch (str | dict): a key of ``ARCH_SETTINGS`` or a dict with ``dims`` (list of C0 ... Cn),
+            ``strides`` (one per block, n entries) and optionally ``ada_pool`` (indices of stride-2
+            blocks whose max pool becomes an adaptive pool to ceil(h/2) x ceil(w/2); the stem then
+            uses stride 3 with padding 1, as the released ada-pool network).
+    """
+    if isinstance(arch, str):
+        if arch not in ARCH_SETTINGS:
+            raise KeyError(f'Unknown VanillaNet arch {arch!r}; valid names: '
+                           f'{", ".join(ARCH_SETTINGS)}, or a dict(dims=[...], strides=[...]).')
+        arch = ARCH_SETTINGS[arch]
+    if not isinstance(arch, dict) or not {'dims', 'strides'} <= set(arch):
+        raise TypeError(f'VanillaNet arch must be a name or a dict with "dims" and "strides", got {arch!r}.')
+    unknown = set(arch) - {'dims', 'strides', 'ada_pool'}
+    if unknown:
+        raise KeyError(f'Unknown keys {sorted(unknown)} in VanillaNet arch dict; allowed: dims, strides, ada_pool.')
+    dims, strides = list(arch['dims']), list(arch['strides'])
+    ada_pool = sorted(arch.get('ada_pool') or [])
+    if len(dims) != len(strides) + 1 or not strides:
+        raise ValueError(f'VanillaNet arch needs len(dims) == len(strides) + 1 >= 2 (one output width per '
+                         f'block plus the stem), got {len(dims)} dims and {len(strides)} strides.')
+    if any(int(d) != d or d < 1 for d in dims) or any(int(s) != s or s < 1 for s in strides):
+        raise ValueError(f'VanillaNet dims and strides must be positive integers, got {dims} and {strides}.')
+    bad = [i for i in ada_pool if not 0 <= i < len(strides) or strides[i] != 2]
+    if bad:
+        raise ValueError(f'ada_pool blocks {bad} must be indices of stride-2 blocks; strides are {strides}.')
+    return dict(dims=dims, strides=strides, ada_pool=ada_pool)
+
+
+def _conv_bn(in_channels, out_channels, kernel_size, stride, padding, norm_cfg):
+    """``nn.Sequential(conv, norm)``: indices 0 and 1 match the published ``*.0.*`` / ``*.1.*`` keys."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding),
+        build_norm_layer(norm_cfg, out_channels)[1])
+
+
+def _fold_bn(weight, bias, norm):
+    """Fold an eval-mode BatchNorm into the conv weight and bias that precede it (bias may be None)."""
+    return fuse_conv_bn_weights(weight, bias, norm.running_mean, norm.running_var, norm.eps,
+                                norm.weight, norm.bias)
+
+
+def _fused_conv_bn(conv_bn):
+    return _fold_bn(conv_bn[0].weight, conv_bn[0].bias, conv_bn[1])
+
+
+def _merge_with_1x1(first_weight, first_bias, second_weight, second_bias):
+    """Weight and bias of ``conv2(conv1(x))`` when conv2 is 1x1 and nothing non-linear lies between."""
+    second = second_weight.flatten(1)
+    weight = torch.einsum('oc,cikl->oikl', second, first_weight)
+    bias = second @ first_bias + second_bias
+    return weight, bias
+
+
+def _new_conv(in_channels, out_channels, kernel_size, stride, padding, weight, bias):
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+    conv.weight = nn.Parameter(weight.detach().clone().contiguous())
+    conv.bias = nn.Parameter(bias.detach().clone().contiguous())
+    return conv
+
+
+class SeriesActivation(nn.Module):
+    """Series-informed activation: ReLU, then a depthwise (2n+1)x(2n+1) conv, then BN.
+
+    In deploy form the BN is folded into the depthwise conv, which then carries a bias.
+
+    Args:
+        channels (int): number of channels.
+        act_num (int): n; the depthwise kernel is (2n+1)x(2n+1) with padding n.
+        norm_cfg (dict): norm layer config (training structure only).
+        deploy (bool): build the fused form (``weight`` and ``bias``, no ``bn``).
+    """
+
+    def __init__(self, channels, act_num, norm_cfg, deploy=False):
+        super().__init__()
+        self.channels = channels
+        self.act_num = act_num
+        self.deploy = deploy
+        size = 2 * act_num + 1
+        self.weight = nn.Parameter(torch.zeros(channels, 1, size, size))
+        if deploy:
+            self.bias = nn.Parameter(torch.zeros(channels))
+        else:
+            self.bias = None
+            self.bn = build_norm_layer(norm_cfg, channels)[1]
+
+    def forward(self, x):
+        x = F.conv2d(F.relu(x), self.weight, self.bias, padding=self.act_num, groups=self.channels)
+        return x if self.deploy else self.bn(x)
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        if self.deploy:
+            return
+        weight, bias = _fold_bn(self.weight, None, self.bn)
+        self.weight = nn.Parameter(weight.detach().clone().contiguous())
+        self.bias = nn.Parameter(bias.detach().clone().contiguous())
+        del self.bn
+        self.deploy = True
+
+
+class AdaptiveHalfMaxPool(nn.Module):
+    """Adaptive max pool to ceil(h/2) x ceil(w/2): the released ada-pool targets (38, 19, 10 at 224)."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        return F.adaptive_max_pool2d(x, (math.ceil(h / 2), math.ceil(w / 2)))
+
+
+def _make_pool(stride, adaptive):
+    if adaptive:
+        return AdaptiveHalfMaxPool()
+    return nn.Identity() if stride == 1 else nn.MaxPool2d(stride)
+
+
+class VanillaBlock(nn.Module):
+    """One VanillaNet block.
+
+    Training structure: ``conv1`` (1x1 conv + BN), leaky ReLU with slope ``act_learn``, ``conv2``
+    (1x1 conv + BN), pool, ``act``. Deploy structure: ``conv`` (one 1x1 conv), pool, ``act``.
+
+    Args:
+        in_channels (int): input channels.
+        out_channels (int): output channels.
+        stride (int): pooling stride (1 = no pooling).
+        act_num (int): n of the series activation.
+        norm_cfg (dict): norm layer config.
+        deploy (bool): build the fused structure.
+        adaptive_pool (bool): pool to ceil(h/2) x ceil(w/2) adaptively instead of MaxPool(stride).
+    """
+
+    def __init__(self, in_channels, out_channels, stride, act_num, norm_cfg, deploy=False,
+                 adaptive_pool=False):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.deploy = deploy
+        self.act_learn = 1.0
+        if deploy:
+            self.conv = nn.Conv2d(in_channels, out_channels, 1)
+        else:
+            self.conv1 = _conv_bn(in_channels, in_channels, 1, 1, 0, norm_cfg)
+            self.conv2 = _conv_bn(in_channels, out_channels, 1, 1, 0, norm_cfg)
+        self.pool = _make_pool(stride, adaptive_pool)
+        self.act = SeriesActivation(out_channels, act_num, norm_cfg, deploy)
+
+    def forward(self, x):
+        if self.deploy:
+            x = self.conv(x)
+        else:
+            x = self.conv1(x)
+            if self.act_learn != 1:
+                x = F.leaky_relu(x, self.act_learn)
+            x = self.conv2(x)
+        return self.act(self.pool(x))
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        if self.deploy:
+            return
+        weight, bias = _merge_with_1x1(*_fused_conv_bn(self.conv1), *_fused_conv_bn(self.conv2))
+        self.conv = _new_conv(self.in_channels, self.out_channels, 1, 1, 0, weight, bias)
+        del self.conv1, self.conv2
+        self.act.switch_to_deploy()
+        self.deploy = True
+
+
+@contextmanager
+def _bn_statistics_restored(module):
+    """Undo whatever the enclosed code does to the BN running statistics inside ``module``.
+
+    Wraps the recomputation of activation checkpointing, so running statistics move once per step,
+    exactly as without checkpointing.
+    """
+    buffers = [buf for m in module.modules() if isinstance(m, _BatchNorm) for buf in m.buffers()]
+    saved = [buf.clone() for buf in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in zip(buffers, saved):
+                buf.copy_(value)
+
+
+@MODELS.register_module()
+class VanillaNet(BaseModule):
+    """VanillaNet backbone.
+
+    Args:
+        arch (str | dict): one of ``ARCH_SETTINGS`` (``vanillanet_5`` ... ``vanillanet_13``,
+            ``vanillanet_13_x1_5``, ``vanillanet_13_x1_5_ada_pool``) or a dict with ``dims``,
+            ``strides`` and optionally ``ada_pool`` (see :func:`resolve_arch`). Default: 'vanillanet_5'.
+        act_num (int): n of the series activation ((2n+1)x(2n+1) depthwise kernels). Default: 3.
+        in_channels (int): input image channels. Default: 3.
+        out_indices (Sequence[int] | None): blocks whose outputs are returned, counted from 0 as the
+            reference configs do; strictly increasing. None returns the last block. Default: None.
+        frozen_stages (int): -1 freezes nothing; 0 freezes the stem; k >= 1 freezes the stem and
+            blocks 0 ... k-1. Frozen parts get no gradients and keep their BN statistics (eval mode).
+            Default: -1.
+        norm_eval (bool): keep every BN layer in eval mode while training. Default: False.
+        norm_cfg (dict): norm layer config; ``eps`` defaults to 1e-6. Default: ``dict(type='BN', eps=1e-6)``.
+        with_cp (bool): activation checkpointing per block: same outputs and gradients, less memory.
+            Default: False.
+        deploy (bool): build the fused deploy structure directly. Default: False.
+        init_cfg (dict | list[dict] | None): mmengine init config; ``None`` means the paper's
+            from-scratch init (truncated normal std 0.02, biases 0). Default: None.
+    """
+
+    def __init__(self,
+                 arch='vanillanet_5',
+                 act_num=3,
+                 in_channels=3,
+                 out_indices=None,
+                 frozen_stages=-1,
+                 norm_eval=False,
+                 norm_cfg=dict(type='BN', eps=1e-6),
+                 with_cp=False,
+                 deploy=False,
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        # Imported here: mmdet_vanillanet.checkpoint imports this module.
+        from ..checkpoint.weights import check_pretrained_init_cfg
+        check_pretrained_init_cfg(init_cfg)
+        settings = resolve_arch(arch)
+        self.arch_name = arch if isinstance(arch, str) else None
+        self.dims, self.strides, self.ada_pool = settings['dims'], settings['strides'], settings['ada_pool']
+        self.num_blocks = len(self.strides)
+        if int(act_num) != act_num or act_num < 1:
+            raise ValueError(f'act_num must be an integer >= 1 (kernel (2n+1)x(2n+1)), got {act_num!r}.')
+        self.act_num = int(act_num)
+        self.in_channels = in_channels
+        self.out_indices = self._check_out_indices(out_indices)
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= self.num_blocks:
+            raise ValueError(f'frozen_stages must be an int in [-1, {self.num_blocks}] (-1: none, 0: stem, '
+                             f'k: stem and blocks 0..k-1), got {frozen_stages!r}.')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.norm_cfg = dict(norm_cfg)
+        self.norm_cfg.setdefault('eps', 1e-6)
+        self.with_cp = with_cp
+        self.deploy = deploy
+        self._act_learn = 1.0
+
+        self.stem_stride, stem_padding = (3, 1) if self.ada_pool else (STEM_KERNEL, 0)
+        c0 = self.dims[0]
+        if deploy:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, c0, STEM_KERNEL, stride=self.stem_stride, padding=stem_padding),
+                SeriesActivation(c0, self.act_num, self.norm_cfg, deploy=True))
+        else:
+            self.stem1 = _conv_bn(in_channels, c0, STEM_KERNEL, self.stem_stride, stem_padding, self.norm_cfg)
+            self.stem2 = nn.Sequential(
+                nn.Conv2d(c0, c0, 1), build_norm_layer(self.norm_cfg, c0)[1],
+                SeriesActivation(c0, self.act_num, self.norm_cfg))
+        self.stages = nn.ModuleList(
+            VanillaBlock(self.dims[i], self.dims[i + 1], self.strides[i], self.act_num, self.norm_cfg,
+                         deploy=deploy, adaptive_pool=i in self.ada_pool)
+            for i in range(self.num_blocks))
+        self._freeze_stages()
+
+    # ---- description of the outputs -------------------------------------------------------------
+
+    def _check_out_indices(self, out_indices):
+        if out_indices is None:
+            return (self.num_blocks - 1,)
+        indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+        valid = all(isinstance(i, int) and 0 <= i < self.num_blocks for i in indices)
+        ordered = all(a < b for a, b in zip(indices, indices[1:]))
+        if not indices or not valid or not ordered:
+            raise ValueError(f'out_indices must be strictly increasing block indices in [0, {self.num_blocks - 1}] '
+                             f'for this arch ({self.num_blocks} blocks), got {out_indices!r}.')
+        return indices
+
+    @property
+    def block_strides(self):
+        """Cumulative stride of every block's output (nominal for ada-pool blocks: ceil(h/2))."""
+        strides, total = [], self.stem_stride
+        for stride in self.strides:
+            total *= stride
+            strides.append(total)
+        return strides
+
+    @property
+    def feature_info(self):
+        """One dict per output: ``num_chs`` (channels), ``reduction`` (stride), ``index``, ``module``."""
+        strides = self.block_strides
+        return [dict(num_chs=self.dims[i + 1], reduction=strides[i], index=i, module=f'stages.{i}')
+                for i in self.out_indices]
+
+    @property
+    def out_channels(self):
+        return [info['num_chs'] for info in self.feature_info]
+
+    @property
+    def out_strides(self):
+        return [info['reduction'] for info in self.feature_info]
+
+    @property
+    def min_input_size(self):
+        """Smallest height/width that leaves every output at least 1x1."""
+        return self.block_strides[-1]
+
+    # ---- deep training --------------------------------------------------------------------------
+
+    @property
+    def act_learn(self):
+        """Slope of the leaky ReLU between the two convs of the stem and of every block.
+
+        0 is a ReLU (start of deep training), 1 the identity (the published, fusable state).
+        """
+        return self._act_learn
+
+    @act_learn.setter
+    def act_learn(self, value):
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f'act_learn must lie in [0, 1] (0 = ReLU, 1 = identity), got {value}.')
+        if self.deploy and value != 1.0:
+            raise ValueError('A deploy-structure VanillaNet has no act_learn below 1: its convs are fused.')
+        self._act_learn = value
+        for block in self.stages:
+            block.act_learn = value
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def _stem(self, x):
+        if self.deploy:
+            return self.stem(x)
+        x = self.stem1(x)
+        if self._act_learn != 1:
+            x = F.leaky_relu(x, self._act_learn)
+        return self.stem2(x)
+
+    def _run_block(self, block, x):
+        if self.with_cp and self.training and x.requires_grad:
+            return checkpoint(block, x, use_reentrant=False,
+                              context_fn=lambda: (nullcontext(), _bn_statistics_restored(block)))
+        return block(x)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'VanillaNet expects images of shape (N, {self.in_channels}, H, W), got '
+                             f'{tuple(x.shape)}; convert 1- or 4-channel images to {self.in_channels} channels '
+                             f'in the data pipeline or set in_channels.')
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(f'Input {tuple(x.shape[-2:])} is too small for this VanillaNet: height and width '
+                             f'must be at least {self.min_input_size} pixels.')
+        x = self._stem(x)
+        outs = []
+        for i, block in enumerate(self.stages):
+            x = self._run_block(block, x)
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+    # ---- deploy ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        """Fuse in place into the deploy structure (BN folded, the two 1x1 convs merged).
+
+        Outputs equal the training structure's in eval mode. Requires ``act_learn == 1``.
+        """
+        if self.deploy:
+            return
+        if self._act_learn != 1.0:
+            raise RuntimeError(f'Cannot fuse VanillaNet with act_learn={self._act_learn}: the leaky ReLU between '
+                               'the convs is only the identity at act_learn=1. Finish the deep-training '
+                               'schedule (ActLearnHook) or set backbone.act_learn = 1 first.')
+        weight, bias = _merge_with_1x1(*_fused_conv_bn(self.stem1), *_fold_bn(
+            self.stem2[0].weight, self.stem2[0].bias, self.stem2[1]))
+        first = self.stem1[0]
+        stem_conv = _new_conv(first.in_channels, self.dims[0], STEM_KERNEL, first.stride, first.padding,
+                              weight, bias)
+        activation = self.stem2[2]
+        activation.switch_to_deploy()
+        self.stem = nn.Sequential(stem_conv, activation)
+        del self.stem1, self.stem2
+        for block in self.stages:
+            block.switch_to_deploy()
+        self.deploy = True
+        self._freeze_stages()
+
+    # ---- training behaviour ---------------------------------------------------------------------
+
+    def _frozen_modules(self):
+        if self.frozen_stages < 0:
+            return []
+        stem = [self.stem] if self.deploy else [self.stem1, self.stem2]
+        return stem + list(self.stages[:self.frozen_stages])
+
+    def _freeze_stages(self):
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def init_weights(self):
+        """Initialise from scratch (paper's init), or as ``init_cfg`` says.
+
+        A ``dict(type='Pretrained', checkpoint=PATH)`` entry (optional ``prefix``, ``map_location``,
+        ``key``, ``allow_partial``) loads through
+        :func:`mmdet_vanillanet.checkpoint.load_pretrained_backbone`: safe loader, published formats,
+        a strict load that explains any misfit, instead of mmengine's non-strict ``PretrainedInit``.
+        """
+        from mmengine.model import initialize
+
+        from ..checkpoint.weights import load_pretrained_backbone, split_pretrained_init_cfg
+        pretrained, others = split_pretrained_init_cfg(self.init_cfg)
+        if pretrained is None:
+            if self.init_cfg is None:
+                self._init_from_scratch()
+            else:
+                super().init_weights()
+            return
+        # Initialise first so that whatever a deliberate partial load skips is still initialised.
+        if others:
+            initialize(self, others)
+        else:
+            self._init_from_scratch()
+        load_pretrained_backbone(self, **pretrained)
+        self._is_init = True
+
+    def _init_from_scratch(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, SeriesActivation)):
+                trunc_normal_init(module, std=0.02, bias=0)
+            elif isinstance(module, _BatchNorm):
+                constant_init(module, 1, bias=0)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Distributed training through torchrun and mmengine's DDP.
+#   tools/dist_train.sh CONFIG NUM_PROCS [train.py flags...]
+# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. On CPU add
+#   --cfg-options env_cfg.dist_cfg.backend=gloo
+set -euo pipefail
+CONFIG=$1
+NPROC=$2
+HERE=$(cd "$(dirname "$0")" && pwd)
+PYTHON=${PYTHON:-python}
+PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \
+    --nproc_per_node="$NPROC" \
+    "$HERE/train.py" "$CONFIG" --launcher pytorch "${@:3}"
