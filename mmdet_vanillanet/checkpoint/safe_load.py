@@ -1,0 +1,247 @@
+"""Weights-only checkpoint loading with an explicit allow-list.
+
+Since PyTorch 2.6, ``torch.load`` unpickles with ``weights_only=True`` by default and refuses any
+global it does not know. mmengine's own checkpoints (``HistoryBuffer``, numpy arrays and scalars in
+the message hub) and the published VanillaNet checkpoints (``argparse.Namespace``) hit that wall.
+:func:`install_safe_loading` allow-lists exactly those types and routes mmengine's local-file loading
+through :func:`load_checkpoint_file`, which keeps ``weights_only=True`` and turns failures into
+errors that name the file and the fix.
+"""
+import argparse
+import importlib
+import inspect
+import os
+import os.path as osp
+import pickle
+import re
+import zipfile
+
+import numpy as np
+import torch
+from mmengine.logging import HistoryBuffer
+from mmengine.runner import CheckpointLoader
+
+EXTRA_SAFE_GLOBALS_ENV = 'MMDET_VANILLANET_EXTRA_SAFE_GLOBALS'
+
+# modules whose functions act on the system: never suggest allowing something from them
+_SYSTEM_MODULES = ('builtins', 'io', 'nt', 'os', 'pathlib', 'posix', 'shutil', 'subprocess', 'sys')
+_REDOWNLOAD = 'Fix: download or copy the checkpoint again (compare its size or checksum with the source).'
+_multiarray = np._core.multiarray  # where numpy 2 defines (and pickles) _reconstruct and scalar
+# how torch's weights-only unpickler names what it refused, most specific first
+_REFUSAL_PATTERNS = (r'GLOBAL (\S+)', r"but got <class '([^']+)'>", r'unrecognized function (<[^>]*>)')
+
+
+def _allowed_attribute(owner, name):
+    """Stand-in for ``builtins.getattr`` inside weights-only unpickling.
+
+    Python pickles a method such as ``HistoryBuffer.min`` (protocol 2, as ``torch.save`` uses) as
+    ``getattr(HistoryBuffer, 'min')``. The real ``getattr`` would hand a malicious file any attribute
+    (``__globals__``, ...); this one only returns attributes that are themselves allow-listed.
+
+    Args:
+        owner: The object the attribute is read from (a class on the unpickling stack).
+        name (str): The attribute name.
+
+    Returns:
+        The attribute, looked up statically (no descriptor or ``__getattr__`` code runs).
+    """
+    value = inspect.getattr_static(owner, name, None) if isinstance(name, str) else None
+    allowed = {g[0] if isinstance(g, tuple) else g for g in torch.serialization.get_safe_globals()}
+    try:
+        if value in allowed:
+            return value
+    except TypeError:  # unhashable value: certainly not a registered global
+        pass
+    holder = owner if isinstance(owner, type) else type(owner)
+    raise pickle.UnpicklingError(
+        f'Unsupported global: GLOBAL {holder.__module__}.{holder.__qualname__}.{name} '
+        'was not an allowed global (reached through builtins.getattr).')
+
+
+# Every entry is a type or function a legitimate checkpoint of this ecosystem references; found by
+# listing torch.serialization.get_unsafe_globals_in_checkpoint() on real files (see tests).
+SAFE_GLOBALS = [
+    # mmengine checkpoints: message_hub['log_scalars'] holds HistoryBuffers ...
+    HistoryBuffer,
+    # ... whose __getstate__ also stores its statistics methods, pickled as getattr(HistoryBuffer, 'min')
+    HistoryBuffer.min,
+    HistoryBuffer.max,
+    HistoryBuffer.current,
+    HistoryBuffer.mean,
+    (_allowed_attribute, 'builtins.getattr'),
+    # numpy arrays (HistoryBuffer histories) and numpy scalars (logged values in message_hub)
+    _multiarray._reconstruct,
+    _multiarray.scalar,
+    np.ndarray,
+    np.dtype,
+    # files written under numpy 1.x name the same functions under numpy.core
+    (_multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+    (_multiarray.scalar, 'numpy.core.multiarray.scalar'),
+    # unpickling a dtype sets the state of an instance of its class (Float64DType, ...)
+    *(cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)),
+    # published VanillaNet (classification) checkpoints keep their training arguments in 'args'
+    argparse.Namespace,
+]
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint references a global that is not on the allow-list; it was not loaded.
+
+    Args:
+        filename (str): The checkpoint path.
+        offender (str): The full name of the refused global, as written in the file.
+    """
+
+    def __init__(self, filename, offender):
+        self.filename, self.offender = filename, offender
+        if offender.split('.')[0] in _SYSTEM_MODULES:
+            fix = (f'a checkpoint has no use for {offender!r}: do not use this file, get the checkpoint '
+                   'from a trusted source.')
+        else:
+            fix = (f'only if you trust the file and {offender!r} is a plain data type, allow it: set '
+                   f'{EXTRA_SAFE_GLOBALS_ENV}={offender} (comma-separated names), or call '
+                   f"load_checkpoint_file(..., extra_safe_globals=['{offender}']).")
+        super().__init__(
+            f'Refused to load checkpoint {filename!r}: it references {offender!r}, which is not on '
+            'the weights-only allow-list of mmdet_vanillanet, so nothing outside that list was run. '
+            f'Fix: {fix}')
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint file is missing, empty, truncated or not a checkpoint; the message names the fix.
+
+    Args:
+        message (str): What is wrong with which file, and how to fix it.
+    """
+
+
+class CheckpointNotFoundError(CheckpointReadError, FileNotFoundError):
+    """The checkpoint path does not name an existing file (still a ``FileNotFoundError``).
+
+    Args:
+        message (str): What is wrong with which file, and how to fix it.
+    """
+
+
+def _resolve_global(name):
+    """Import the object behind a dotted name such as ``'pkg.module.Class'``.
+
+    Args:
+        name (str): Full dotted name, as written in the checkpoint.
+
+    Returns:
+        tuple: ``(object, name)``, the form ``torch.serialization.add_safe_globals`` accepts.
+    """
+    parts = name.split('.')
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module('.'.join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj, name
+    raise ValueError(f'Cannot import the extra safe global {name!r} (from {EXTRA_SAFE_GLOBALS_ENV} '
+                     'or extra_safe_globals): write its full dotted name, e.g. "package.module.Class".')
+
+
+def _check_file(path):
+    """Raise :class:`CheckpointReadError` early unless ``path`` looks like a readable checkpoint.
+
+    Args:
+        path (str): Local file path.
+    """
+    if not osp.isfile(path):
+        state = 'is a directory, not a file' if osp.isdir(path) else 'does not exist'
+        raise CheckpointNotFoundError(
+            f'Checkpoint {path!r} {state} (absolute path: {osp.abspath(path)!r}). Fix: give the path of '
+            'the .pth file (check for typos and the working directory), or download it first.')
+    if path.endswith('.safetensors'):
+        return
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointReadError(f'Checkpoint {path!r} is empty (0 bytes). ' + _REDOWNLOAD)
+    if head.startswith(b'PK\x03\x04'):  # torch.save's zip format
+        if not zipfile.is_zipfile(path):
+            raise CheckpointReadError(
+                f'Checkpoint {path!r} is truncated or corrupted ({osp.getsize(path)} bytes, the end '
+                'of its zip archive is missing), as an interrupted download, copy or save leaves it. '
+                + _REDOWNLOAD)
+    elif not head.startswith(b'\x80'):  # nor a legacy (pre-1.6) torch.save pickle
+        raise CheckpointReadError(
+            f'{path!r} is not a PyTorch checkpoint: it starts with {head!r} (a config, a log, an '
+            'HTML error page saved by a failed download?). Fix: give the path of a .pth file written '
+            'by torch.save or mmengine; download it again if it came from the web.')
+
+
+def load_checkpoint_file(filename, map_location='cpu', extra_safe_globals=()):
+    """Load a checkpoint with ``weights_only=True`` and the allow-list of this module.
+
+    Args:
+        filename (str | os.PathLike): Local checkpoint path (``~`` is expanded).
+        map_location: Same as for :func:`torch.load`. Defaults to ``'cpu'``.
+        extra_safe_globals (Sequence[str]): Full dotted names of further globals to allow for this
+            call only, for files you trust. Names listed (comma-separated) in the environment variable
+            ``MMDET_VANILLANET_EXTRA_SAFE_GLOBALS`` are added as well. Empty by default.
+
+    Returns:
+        The unpickled checkpoint (usually a dict).
+
+    Raises:
+        UnsafeCheckpointError: The file references a global outside the allow-list.
+        CheckpointReadError: The file is missing, empty, truncated or not a checkpoint.
+    """
+    path = osp.expanduser(os.fspath(filename))
+    _check_file(path)
+    names = [n.strip() for n in os.environ.get(EXTRA_SAFE_GLOBALS_ENV, '').split(',')]
+    names += list(extra_safe_globals)
+    registered = set(torch.serialization.get_safe_globals())
+    # torch's safe_globals() removes its entries on exit, so hand it only the new ones
+    extras = [g for g in (_resolve_global(n) for n in names if n) if g not in registered]
+    try:
+        with torch.serialization.safe_globals(extras):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = [m.group(1) for m in (re.search(p, str(err)) for p in _REFUSAL_PATTERNS) if m]
+        if not found:
+            raise CheckpointReadError(f'Checkpoint {path!r} holds malformed pickle data. '
+                                      + _REDOWNLOAD) from None
+        offender = found[0] if '.' in found[0] or '<' in found[0] else 'builtins.' + found[0]
+        raise UnsafeCheckpointError(path, offender) from None
+    except EOFError:
+        raise CheckpointReadError(f'Checkpoint {path!r} is truncated (it ends mid-record). '
+                                  + _REDOWNLOAD) from None
+    except RuntimeError as err:
+        if 'PytorchStreamReader' not in str(err):
+            err.add_note(f'while loading checkpoint {path!r}')
+            raise
+        raise CheckpointReadError(f'Checkpoint {path!r} is corrupted ({err}). ' + _REDOWNLOAD) from None
+
+
+def load_from_local_weights_only(filename, map_location):
+    """mmengine ``CheckpointLoader`` backend for plain local paths (replaces ``load_from_local``).
+
+    Args:
+        filename (str): Local checkpoint path.
+        map_location: Same as for :func:`torch.load`.
+
+    Returns:
+        The unpickled checkpoint, via :func:`load_checkpoint_file`.
+    """
+    return load_checkpoint_file(filename, map_location=map_location)
+
+
+def install_safe_loading():
+    """Allow-list :data:`SAFE_GLOBALS` in torch and make mmengine load local files weights-only.
+
+    Runs on import of :mod:`mmdet_vanillanet.checkpoint`; calling it again changes nothing.
+    Afterwards plain ``torch.load`` accepts mmengine's and the published VanillaNet checkpoints, and
+    every mmengine path that reads a local file (``load_from``, ``resume``, ``init_cfg`` pretrained
+    weights, ``load_checkpoint``) goes through :func:`load_checkpoint_file`.
+    """
+    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_weights_only, force=True)
