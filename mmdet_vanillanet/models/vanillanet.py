@@ -255,6 +255,9 @@ class VanillaNet(BaseModule):
         with_cp (bool): activation checkpointing per block: same outputs and gradients, less memory.
             Default: False.
         deploy (bool): build the fused deploy structure directly. Default: False.
+        channels_last (bool): run in channels-last memory format (the outputs are channels-last
+            too); depthwise convs, and so the series activation, are several times faster so on CPU.
+            Default: True.
         init_cfg (dict | list[dict] | None): mmengine init config; ``None`` means the paper's
             from-scratch init (truncated normal std 0.02, biases 0). Default: None.
     """
@@ -269,6 +272,7 @@ class VanillaNet(BaseModule):
                  norm_cfg=dict(type='BN', eps=1e-6),
                  with_cp=False,
                  deploy=False,
+                 channels_last=True,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         # Imported here: mmdet_vanillanet.checkpoint imports this module.
@@ -292,6 +296,7 @@ class VanillaNet(BaseModule):
         self.norm_cfg.setdefault('eps', 1e-6)
         self.with_cp = with_cp
         self.deploy = deploy
+        self.channels_last = channels_last
         self._act_learn = 1.0
 
         self.stem_stride, stem_padding = (3, 1) if self.ada_pool else (STEM_KERNEL, 0)
@@ -398,6 +403,8 @@ class VanillaNet(BaseModule):
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f'Input {tuple(x.shape[-2:])} is too small for this VanillaNet: height and width '
                              f'must be at least {self.min_input_size} pixels.')
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x)
         outs = []
         for i, block in enumerate(self.stages):

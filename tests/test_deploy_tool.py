@@ -1,0 +1,219 @@
+"""tools/deploy.py: a trained tiny detector is fused, written and gives the same predictions."""
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import mmengine
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.structures import InstanceData
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmdet.registry import MODELS
+from mmdet.structures import DetDataSample
+from mmdet.utils import register_all_modules
+from mmdet_vanillanet.checkpoint import load_checkpoint_file
+from mmdet_vanillanet.checkpoint.weights import VanillaNetWeightsError
+from mmdet_vanillanet.datasets import generate_synthetic_coco, synthetic_coco_metainfo
+from mmdet_vanillanet.deploy import deploy_config, deploy_detector
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+# A complete, self-contained config (model, data, evaluation) of a tiny RetinaNet on synthetic COCO.
+TINY_CONFIG = """
+custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
+default_scope = 'mmdet'
+data_root = {data_root!r}
+metainfo = {metainfo!r}
+model = dict(
+    type='RetinaNet',
+    data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                           bgr_to_rgb=True, pad_size_divisor=32),
+    backbone=dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2]), act_num={act_num},
+                  out_indices=(0, 1, 3)),
+    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
+    bbox_head=dict(type='RetinaHead', num_classes=5, in_channels=16, feat_channels=16, stacked_convs=1,
+                   anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4, scales_per_octave=1,
+                                         ratios=[1.0], strides=[8, 16, 32]),
+                   bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[1.0] * 4),
+                   loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+                   loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+    train_cfg=dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0),
+                   sampler=dict(type='PseudoSampler'), allowed_border=-1, pos_weight=-1, debug=False),
+    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0, nms=dict(type='nms', iou_threshold=0.5),
+                  max_per_img=20))
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(64, 64), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+test_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False, drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type='CocoDataset', data_root=data_root, metainfo=metainfo,
+                 ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
+                 test_mode=True, pipeline=test_pipeline))
+test_evaluator = dict(type='CocoMetric', ann_file=data_root + '/annotations/instances_val.json', metric='bbox')
+test_cfg = dict(type='TestLoop')
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1))
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='gloo'))
+log_level = 'INFO'
+"""
+
+
+def write_config(tmp_path, act_num=2, name='retinanet_tiny.py'):
+    path = tmp_path / name
+    path.write_text(TINY_CONFIG.format(data_root=str(tmp_path / 'data'), metainfo=synthetic_coco_metainfo(),
+                                       act_num=act_num))
+    return str(path)
+
+
+def batch(num_images=2, size=64, seed=0, with_boxes=False):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num_images, 3, size, size, generator=generator)
+    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                batch_input_shape=(size, size), scale_factor=(1.0, 1.0))
+    samples = []
+    for _ in range(num_images):
+        sample = DetDataSample(metainfo=meta)
+        if with_boxes:
+            corner = torch.rand(3, 2, generator=generator) * size / 2
+            sample.gt_instances = InstanceData(
+                bboxes=torch.cat([corner, corner + 8 + torch.rand(3, 2, generator=generator) * size / 2], 1),
+                labels=torch.randint(0, 5, (3,), generator=generator))
+        samples.append(sample)
+    return inputs, samples
+
+
+def train_tiny_detector(config_path, steps=3):
+    """Build the config's detector and train it a few steps (BN statistics randomised first, so fusing matters)."""
+    register_all_modules()
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(config_path).model)
+    model.init_weights()
+    generator = torch.Generator().manual_seed(0)
+    for module in model.backbone.modules():
+        if isinstance(module, _BatchNorm):
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(module.num_features, generator=generator) * 0.5 + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+    for step in range(steps):
+        loss, _ = model.parse_losses(model.loss(*batch(seed=step, with_boxes=True)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def save_checkpoint(model, path, **meta):
+    torch.save({'state_dict': model.state_dict(),
+                'meta': {'dataset_meta': synthetic_coco_metainfo(), 'epoch': 1, **meta}}, path)
+    return str(path)
+
+
+def predictions(model, inputs, samples):
+    with torch.no_grad():
+        results = model.eval().predict(inputs, [s.clone() for s in samples])
+    return [(r.pred_instances.bboxes, r.pred_instances.scores, r.pred_instances.labels) for r in results]
+
+
+def test_deploy_tool_fuses_a_trained_detector_with_equal_predictions(tmp_path):
+    config = write_config(tmp_path)
+    model = train_tiny_detector(config)
+    checkpoint = save_checkpoint(model, tmp_path / 'epoch_1.pth', act_learn=1.0)
+    out_dir = tmp_path / 'deploy'
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'deploy.py'), config, checkpoint, str(out_dir)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    deviation = float(re.search(r'max deviation: (\S+) absolute', result.stdout).group(1))
+    assert deviation < 1e-4, result.stdout
+    assert f'python tools/test.py {out_dir}/retinanet_tiny_deploy.py {out_dir}/retinanet_tiny_deploy.pth' \
+        in result.stdout
+
+    cfg = Config.fromfile(str(out_dir / 'retinanet_tiny_deploy.py'))
+    assert cfg.model.backbone.deploy is True and 'init_cfg' not in cfg.model.backbone
+    assert cfg.custom_imports.imports == ['mmdet_vanillanet'] and cfg.test_dataloader.batch_size == 2
+    fused = MODELS.build(cfg.model)
+    saved = load_checkpoint_file(str(out_dir / 'retinanet_tiny_deploy.pth'))
+    fused.load_state_dict(saved['state_dict'], strict=True)
+    assert saved['meta']['act_learn'] == 1.0 and saved['meta']['dataset_meta'] == synthetic_coco_metainfo()
+    assert not hasattr(fused.backbone, 'stem1')
+
+    inputs, samples = batch(num_images=2, size=96, seed=7)
+    for (boxes, scores, labels), (boxes_f, scores_f, labels_f) in zip(
+            predictions(model, inputs, samples), predictions(fused, inputs, samples), strict=True):
+        assert len(scores) > 0 and torch.equal(labels, labels_f)
+        torch.testing.assert_close(boxes_f, boxes, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(scores_f, scores, rtol=1e-4, atol=1e-5)
+
+
+def test_deploy_refuses_mismatched_or_unfinished_checkpoints(tmp_path):
+    config = write_config(tmp_path)
+    model = train_tiny_detector(config, steps=0)
+    other_act_num = write_config(tmp_path, act_num=3, name='act3.py')
+    checkpoint = save_checkpoint(model, tmp_path / 'ckpt.pth')
+    with pytest.raises(VanillaNetWeightsError, match=r'checkpoint has 5x5 activation kernels \(act_num=2\), '
+                                                     r'the model has act_num=3'):
+        deploy_detector(other_act_num, checkpoint, str(tmp_path / 'out'))
+    unfinished = save_checkpoint(model, tmp_path / 'mid.pth', act_learn=0.5)
+    with pytest.raises(RuntimeError, match=r'act_learn=0\.5'):
+        deploy_detector(config, unfinished, str(tmp_path / 'out'))
+    assert not (tmp_path / 'out' / 'retinanet_tiny_deploy.pth').exists()
+
+
+def test_deploy_config_drops_backbone_init_cfg(tmp_path):
+    cfg = Config.fromfile(write_config(tmp_path))
+    cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(tmp_path / 'imagenet.pth'))
+    new = deploy_config(cfg)
+    assert new.model.backbone.deploy is True and 'init_cfg' not in new.model.backbone
+    assert cfg.model.backbone.init_cfg.type == 'Pretrained'  # the input config is left alone
+
+
+def test_deploy_the_demo_config(tmp_path):
+    """A config inheriting mmdet's (``_base_``) is dumped whole and builds the fused detector."""
+    config = osp.join(ROOT, 'configs', 'demo', 'retinanet_vanillanet_demo.py')
+    register_all_modules()
+    model = MODELS.build(Config.fromfile(config).model)
+    model.init_weights()
+    checkpoint = save_checkpoint(model, tmp_path / 'demo.pth')
+    result = deploy_detector(config, checkpoint, str(tmp_path), shape=(96, 128), num_images=1)
+    assert result['fused'] == ['backbone'] and result['max_rel'] < 1e-4
+    assert result['params_after'] < result['params_before']
+    cfg = Config.fromfile(result['config'])
+    assert cfg.model.backbone.deploy is True and cfg.model.type == 'RetinaNet'
+    assert cfg.custom_imports.imports == ['mmdet_vanillanet'] and cfg.test_evaluator.type == 'CocoMetric'
+    MODELS.build(cfg.model).load_state_dict(load_checkpoint_file(result['checkpoint'])['state_dict'], strict=True)
+
+
+@pytest.mark.slow
+def test_fused_checkpoint_gives_the_same_coco_map(tmp_path):
+    """tools/test.py on synthetic COCO: the original and the fused detector score the same."""
+    generate_synthetic_coco(str(tmp_path / 'data'), num_train=1, num_val=4, image_size=64, show_progress=False)
+    config = write_config(tmp_path)
+    checkpoint = save_checkpoint(train_tiny_detector(config, steps=10), tmp_path / 'epoch_1.pth')
+    out_dir = tmp_path / 'deploy'
+    deploy_detector(config, checkpoint, str(out_dir))
+
+    def evaluate(cfg, ckpt, name):
+        dump = str(tmp_path / f'{name}.pkl')
+        result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'test.py'), cfg, ckpt, '--out', dump,
+                                 '--work-dir', str(tmp_path / 'work')],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return float(re.search(r'coco/bbox_mAP: (\S+)', result.stdout + result.stderr).group(1)), mmengine.load(dump)
+
+    original_map, original = evaluate(config, checkpoint, 'original')
+    fused_map, fused = evaluate(str(out_dir / 'retinanet_tiny_deploy.py'),
+                                str(out_dir / 'retinanet_tiny_deploy.pth'), 'fused')
+    assert abs(original_map - fused_map) <= 0.001
+    assert len(original) == len(fused) == 4
+    for a, b in zip(original, fused):
+        a, b = a['pred_instances'], b['pred_instances']
+        assert len(a['scores']) > 0
+        torch.testing.assert_close(b['scores'], a['scores'], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b['bboxes'], a['bboxes'], rtol=1e-4, atol=1e-3)
