@@ -26,6 +26,12 @@ $(STAMP): $(REQS)
 	$(PY) -c "import mmcv.ops, mmdet, mmdet_vanillanet; from mmcv.ops import nms, RoIAlign; print('stack ok: mmcv', mmcv.__version__, 'mmdet', mmdet.__version__)"
 	touch $(STAMP)
 
+demo: install
+	$(PY) tools/demo.py --config configs/demo/retinanet_vanillanet_demo.py
+
+demo-mask: install
+	$(PY) tools/demo.py --config configs/demo/mask-rcnn_vanillanet_demo.py
+
 test: install
 	$(PY) -m pytest -m "not slow" tests
 

@@ -1,0 +1,97 @@
+"""The installable plugin: registration on import, and mmdet-style train / test / resume through tools/."""
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mmdet_vanillanet.datasets import generate_synthetic_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args, cwd=ROOT):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f'{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+    return result.stdout + result.stderr
+
+
+def test_import_registers_everything_and_touches_no_network():
+    code = textwrap.dedent('''
+        import socket, threading
+        def refuse(*args, **kwargs):
+            raise AssertionError('importing the plugin opened a network connection')
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        before = threading.active_count()
+        import mmdet_vanillanet
+        from mmdet.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+        assert MODELS.get('VanillaNet') is mmdet_vanillanet.models.VanillaNet
+        assert HOOKS.get('ActLearnHook') is not None
+        assert OPTIM_WRAPPER_CONSTRUCTORS.get('VanillaNetLayerDecayOptimizerConstructor') is not None
+        assert threading.active_count() == before, 'importing the plugin started threads'
+        import torch
+        assert torch.serialization.get_safe_globals(), 'safe loading is not installed'
+        print('registered')
+    ''')
+    assert 'registered' in run_tool('-c', code)
+
+
+TINY_CONFIG = '''
+_base_ = '{root}/configs/demo/retinanet_vanillanet_demo.py'
+data_root = '{data}/'
+size = (64, 64)
+model = dict(test_cfg=dict(score_thr=0.0))  # an untrained model still gives detections to evaluate
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=size, keep_ratio=True),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=size, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                      dataset=dict(data_root=data_root, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs=1, val_interval=1)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=3))
+'''
+
+
+@pytest.fixture(scope='module')
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tiny')
+    data = generate_synthetic_coco(str(root / 'data'), num_train=8, num_val=4, image_size=64, seed=1,
+                                   show_progress=False)['root']
+    config = root / 'tiny_retinanet.py'
+    config.write_text(TINY_CONFIG.format(root=ROOT, data=data))
+    return root, config
+
+
+def test_train_test_and_resume_through_tools(tiny_setup):
+    root, config = tiny_setup
+    work_dir = root / 'work'
+    log = run_tool('tools/train.py', config, '--work-dir', work_dir)
+    assert (work_dir / 'epoch_1.pth').is_file()
+    assert re.search(r'coco/bbox_mAP: -?\d\.\d+', log), 'validation did not run the COCO metric'
+
+    log = run_tool('tools/test.py', config, work_dir / 'epoch_1.pth', '--work-dir', root / 'test',
+                   '--out', root / 'preds.pkl')
+    assert re.search(r'coco/bbox_mAP: -?\d\.\d+', log)
+    assert (root / 'preds.pkl').is_file()
+
+    log = run_tool('tools/train.py', config, '--work-dir', work_dir, '--resume',
+                   '--cfg-options', 'train_cfg.max_epochs=2')
+    assert re.search(r'resumed epoch: 1, iter: 2', log), log[-2000:]
+    assert (work_dir / 'epoch_2.pth').is_file()
+    assert 'Epoch(train) [1]' not in log.replace('  ', ' '), 'the finished epoch was trained again'
