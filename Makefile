@@ -17,7 +17,8 @@ install: $(STAMP)
 $(STAMP): $(REQS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade 'pip>=24'
-	$(PIP) install -q '$(TORCH_SPEC)' -r requirements/build.txt
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -r requirements/build.txt
 	@# mmcv 2.1.0 ships only as source: compile its ops (NMS, RoIAlign) against the torch above.
 	@# The first build takes ~12 min on 2 cores; pip's wheel cache makes later installs quick.
 	MMCV_WITH_OPS=1 MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation '$(MMCV_SPEC)'

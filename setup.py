@@ -6,4 +6,6 @@ setup(
     description='VanillaNet backbone for MMDetection 3.x',
     packages=find_packages(include=['mmdet_vanillanet', 'mmdet_vanillanet.*']),
     python_requires='>=3.9',
+    # Grad-CAM++ maps (tools/visualize_cam.py); torchcam needs only torch, numpy, pillow and matplotlib.
+    extras_require={'cam': ['torchcam==0.5.0']},
 )
