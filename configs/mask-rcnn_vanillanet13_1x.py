@@ -78,4 +78,4 @@ param_scheduler = [
 auto_scale_lr = dict(enable=False, base_batch_size=32)
 
 # Stop at the first NaN or infinite loss.
-custom_hooks = [dict(type='CheckInvalidLossHook', interval=1)]
+custom_hooks = [dict(type='CheckInvalidLossHook', interval=1), dict(type='RandomStateHook')]

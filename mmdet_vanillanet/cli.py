@@ -1,14 +1,32 @@
 """What the command-line tools share: mmdet-compatible flags, config loading, runner building.
 
-The tools in ``tools/`` stay thin: they parse arguments and call these functions.
+The tools in ``tools/`` stay thin: they parse arguments and call these functions. Besides what mmdet's
+tools do, these functions check the config's data before anything is built, find the checkpoint a
+restarted job continues from, and let ``tools/dist_train.sh`` run on CPU-only machines (gloo).
 """
 import argparse
+import datetime
+import glob
+import logging
 import os
 import os.path as osp
 
+import torch
+import torch.distributed as torch_dist
 from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
+
+from .checkpoint.safe_load import CheckpointReadError
+from .checkpoint.safe_load import check_checkpoint_file
+from .datasets.checks import check_data_config
+from .deploy import vanillanet_cfgs
+
+# names mmengine's CheckpointHook gives checkpoints, newest first when sorted by time
+CHECKPOINT_PATTERNS = ('epoch_*.pth', 'iter_*.pth', 'best_*.pth')
+# norm layer types that synchronise across processes (torch's needs CUDA, mmcv's its CUDA ops)
+SYNC_NORMS = ('SyncBN', 'MMSyncBN')
 
 
 def add_runner_args(parser):
@@ -27,11 +45,14 @@ def add_runner_args(parser):
     return parser
 
 
-def load_config(args):
-    """Read ``args.config`` and apply ``--cfg-options``, ``--launcher`` and the work directory.
+def load_config(args, splits=()):
+    """Read ``args.config``, apply ``--cfg-options``, ``--launcher`` and the work directory, check the data.
 
     Args:
         args (argparse.Namespace): parsed arguments of :func:`add_runner_args` plus ``config``.
+        splits (Sequence[str]): the splits the tool reads (``'train'``, ``'val'``, ``'test'``): their data
+            roots, image folders and annotation files are checked now (see
+            :func:`mmdet_vanillanet.datasets.checks.check_data_config`). Default: none.
     """
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     if not osp.isfile(args.config):
@@ -44,7 +65,131 @@ def load_config(args):
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
+    check_data_config(cfg, splits)
     return cfg
+
+
+def set_test_checkpoint(cfg, checkpoint):
+    """Make ``cfg`` evaluate ``checkpoint``: checked now, loaded by the runner; no backbone init weights needed.
+
+    Every VanillaNet's ``init_cfg`` is dropped: the checkpoint replaces all weights, so the ImageNet
+    file the training config names need not exist on the test machine.
+
+    Args:
+        cfg (mmengine.Config): the config, changed in place.
+        checkpoint (str): path (or URL) of the trained checkpoint.
+    """
+    if '://' not in checkpoint:
+        check_checkpoint_file(checkpoint)
+    cfg.load_from = checkpoint
+    for node in vanillanet_cfgs(cfg.model):
+        node.pop('init_cfg', None)
+
+
+def find_resume_checkpoint(work_dir):
+    """The checkpoint a restarted training continues from: the newest complete one in ``work_dir``.
+
+    That is the one mmengine's ``last_checkpoint`` file names, unless that file is empty or names a
+    missing or incomplete checkpoint (a job killed while writing either); then the newest complete
+    ``epoch_*``, ``iter_*`` or ``best_*`` checkpoint, with a warning. Incomplete files are skipped.
+
+    Args:
+        work_dir (str): the training's work directory.
+
+    Returns:
+        str | None: the checkpoint path, or None when there is none (the training starts afresh).
+    """
+    named = ''
+    if osp.isfile(osp.join(work_dir, 'last_checkpoint')):
+        with open(osp.join(work_dir, 'last_checkpoint')) as f:
+            named = f.read().strip()
+    found = sorted({path for pattern in CHECKPOINT_PATTERNS for path in glob.glob(osp.join(work_dir, pattern))},
+                   key=osp.getmtime, reverse=True)
+    for path in ([named] if named else []) + found:
+        try:
+            check_checkpoint_file(path)
+        except CheckpointReadError as err:
+            print_log(f'Not resuming from {path}: {err}', logger='current', level=logging.WARNING)
+            continue
+        if named and path != named:
+            print_log(f'{work_dir}/last_checkpoint names {named!r}, which is missing or incomplete; resuming '
+                      f'from {path!r}, the newest complete checkpoint.', logger='current', level=logging.WARNING)
+        return path
+    return None
+
+
+def set_resume(cfg, resume):
+    """Apply ``--resume`` ('auto': from :func:`find_resume_checkpoint`; a path: from that file), then check
+    the checkpoint the training will read (``--resume`` or the config's ``load_from``) before building.
+
+    With 'auto' and no checkpoint yet, the training starts as it would without ``--resume``.
+
+    Args:
+        cfg (mmengine.Config): the config, changed in place.
+        resume (str | None): None (no resume), 'auto' or a checkpoint path.
+    """
+    if resume == 'auto':
+        resume = find_resume_checkpoint(cfg.work_dir)
+        if resume is None:  # the first start of a job script that always passes --resume
+            print_log(f'--resume: no complete checkpoint in {cfg.work_dir!r}; the training starts from the '
+                      'beginning (from load_from, if the config has one).', logger='current')
+            cfg.resume = False
+    if resume is not None:
+        cfg.resume, cfg.load_from = True, resume
+    load_from = cfg.get('load_from')
+    if load_from and '://' not in str(load_from):
+        check_checkpoint_file(str(load_from))
+
+
+def _replace_sync_norms(node):
+    """Turn every SyncBN norm config inside ``node`` into BN in place; returns how many."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') in SYNC_NORMS:
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _replace_sync_norms(value)
+    elif isinstance(node, list):
+        count += sum(_replace_sync_norms(value) for value in node)
+    return count
+
+
+def init_cpu_distributed(cfg):
+    """Start the process group of a distributed run on a machine without CUDA (``--launcher pytorch``).
+
+    mmengine 0.10.7 calls ``torch.cuda.set_device`` before ``init_process_group`` and gives DDP the
+    local rank as device id, both of which fail without CUDA. This starts the group itself (mmengine
+    then skips its own), with ``env_cfg.dist_cfg``'s backend (gloo instead of nccl, which needs CUDA),
+    lets DDP wrap the CPU model (``device_ids=None``), and turns SyncBN into BN (torch's SyncBatchNorm
+    only synchronises CUDA tensors): each process then normalises its own part of the batch. Every
+    change is logged. Does nothing with CUDA, without a launcher, or when the group exists.
+
+    Args:
+        cfg (mmengine.Config): the config, changed in place.
+    """
+    if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available() or torch_dist.is_initialized():
+        return
+    if cfg.launcher != 'pytorch':
+        raise ValueError(f'--launcher {cfg.launcher} needs CUDA; on a machine without it, start the processes '
+                         'with tools/dist_train.sh (torchrun, --launcher pytorch).')
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    if dist_cfg.get('backend', 'nccl') == 'nccl':
+        print_log('No CUDA on this machine: the processes communicate with gloo instead of nccl.', logger='current')
+        dist_cfg['backend'] = 'gloo'
+    if dist_cfg.get('timeout') is not None:
+        dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+    changed = _replace_sync_norms(cfg.model)
+    if cfg.pop('sync_bn', None) is not None or changed:
+        print_log(f'No CUDA on this machine: SyncBN cannot synchronise, so {changed} SyncBN layer config(s) and '
+                  'cfg.sync_bn became plain BN; each process normalises its own images.',
+                  logger='current', level=logging.WARNING)
+    wrapper = cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+    wrapper.setdefault('device_ids', None)
+    cfg.model_wrapper_cfg = wrapper
+    torch_dist.init_process_group(**dist_cfg)
 
 
 def build_runner(cfg):
@@ -53,6 +198,7 @@ def build_runner(cfg):
     Args:
         cfg (mmengine.Config): the full config.
     """
+    init_cpu_distributed(cfg)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)

@@ -33,17 +33,17 @@ class DeployCheckError(RuntimeError):
     """The fused detector's outputs differ from the original's more than the tolerance allows."""
 
 
-def _vanillanet_cfgs(node):
+def vanillanet_cfgs(node):
     """Every VanillaNet config dict inside a (nested) model config."""
     if isinstance(node, Mapping):
         kind = node.get('type')
         if kind is VanillaNet or (isinstance(kind, str) and kind.split('.')[-1] == 'VanillaNet'):
             yield node
         for value in node.values():
-            yield from _vanillanet_cfgs(value)
+            yield from vanillanet_cfgs(value)
     elif isinstance(node, (list, tuple)):
         for value in node:
-            yield from _vanillanet_cfgs(value)
+            yield from vanillanet_cfgs(value)
 
 
 def deploy_config(cfg):
@@ -56,7 +56,7 @@ def deploy_config(cfg):
         mmengine.Config: a modified copy (everything else, ``custom_imports`` included, kept).
     """
     cfg = copy.deepcopy(cfg)
-    nodes = list(_vanillanet_cfgs(cfg.model))
+    nodes = list(vanillanet_cfgs(cfg.model))
     if not nodes:
         raise ValueError('The config builds no VanillaNet (no type="VanillaNet" under model); nothing to fuse.')
     for node in nodes:
@@ -73,7 +73,7 @@ def build_detector(cfg):
     """
     register_all_modules(init_default_scope=True)
     model_cfg = copy.deepcopy(cfg.model)
-    for node in _vanillanet_cfgs(model_cfg):
+    for node in vanillanet_cfgs(model_cfg):
         node.pop('init_cfg', None)
     return MODELS.build(model_cfg)
 

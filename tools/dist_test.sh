@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Distributed testing through torchrun.
 #   tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [test.py flags...]
+# As tools/dist_train.sh: NNODES, NODE_RANK, MASTER_ADDR, PORT, PYTHON; CPU-only machines use gloo.
 set -euo pipefail
 CONFIG=$1
 CHECKPOINT=$2

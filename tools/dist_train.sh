@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Distributed training through torchrun and mmengine's DDP.
 #   tools/dist_train.sh CONFIG NUM_PROCS [train.py flags...]
-# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. On CPU add
-#   --cfg-options env_cfg.dist_cfg.backend=gloo
+# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. PYTHON: the interpreter (default: python).
+# Without CUDA the processes run on CPU with gloo (see mmdet_vanillanet.cli.init_cpu_distributed).
 set -euo pipefail
 CONFIG=$1
 NPROC=$2

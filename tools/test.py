@@ -4,7 +4,7 @@ import argparse
 import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe checkpoint loader)
 from mmdet.engine.hooks.utils import trigger_visualization_hook
 from mmdet.evaluation import DumpDetResults
-from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config
+from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config, set_test_checkpoint
 
 
 def parse_args(argv=None):
@@ -20,10 +20,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args)
-    cfg.load_from = args.checkpoint
+    cfg = load_config(args, splits=('test',))
+    set_test_checkpoint(cfg, args.checkpoint)
     if args.show or args.show_dir:
-
         cfg = trigger_visualization_hook(cfg, args)
     runner = build_runner(cfg)
     if args.out is not None:

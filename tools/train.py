@@ -2,7 +2,7 @@
 import argparse
 
 import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe checkpoint loader)
-from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config
+from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config, set_resume
 
 
 def parse_args(argv=None):
@@ -12,13 +12,14 @@ def parse_args(argv=None):
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by (total batch / auto_scale_lr.base_batch_size)')
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
-                        help='resume from this checkpoint, or without a path from the latest in the work dir')
+                        help='resume from this checkpoint, or without a path from the newest complete one in '
+                        'the work dir (none there: start from the beginning)')
     return add_runner_args(parser).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args)
+    cfg = load_config(args, splits=('train', 'val'))
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
@@ -27,10 +28,7 @@ def main(argv=None):
             raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(enable=..., base_batch_size=...) '
                              'in the config.')
         cfg.auto_scale_lr.enable = True
-    if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-    elif args.resume is not None:
-        cfg.resume, cfg.load_from = True, args.resume
+    set_resume(cfg, args.resume)
     build_runner(cfg).train()
 
 

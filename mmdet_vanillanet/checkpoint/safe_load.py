@@ -148,7 +148,7 @@ def _resolve_global(name):
                      'or extra_safe_globals): write its full dotted name, e.g. "package.module.Class".')
 
 
-def _check_file(path):
+def check_checkpoint_file(path):
     """Raise :class:`CheckpointReadError` early unless ``path`` looks like a readable checkpoint.
 
     Args:
@@ -196,7 +196,7 @@ def load_checkpoint_file(filename, map_location='cpu', extra_safe_globals=()):
         CheckpointReadError: The file is missing, empty, truncated or not a checkpoint.
     """
     path = osp.expanduser(os.fspath(filename))
-    _check_file(path)
+    check_checkpoint_file(path)
     names = [n.strip() for n in os.environ.get(EXTRA_SAFE_GLOBALS_ENV, '').split(',')]
     names += list(extra_safe_globals)
     registered = set(torch.serialization.get_safe_globals())

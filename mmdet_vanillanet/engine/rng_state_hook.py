@@ -14,10 +14,14 @@ run. :class:`RandomStateHook` closes that gap for the three places where trainin
   every epoch from ``(seed, rank, worker id, epoch)``; a worker of the uninterrupted run and a fresh worker
   of the resumed run then draw the same numbers.
 
+On resume, the train sampler also gets the seed of the checkpoint back (mmengine builds it before it
+restores the seed of a run without a fixed one), unless ``randomness.diff_rank_seed`` is set.
+
 Exact for checkpoints written at the end of an epoch (mmengine's default ``by_epoch`` checkpoints and
 ``save_best`` ones). A checkpoint written mid-epoch carries no random states (other ranks cannot be
 asked for theirs at that point); resuming from one continues with the seed, as mmengine does.
 """
+import logging
 import random
 from typing import List, Optional
 
@@ -154,6 +158,10 @@ class RandomStateHook(Hook):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         loader = runner.train_dataloader
         loader.generator = torch.Generator().manual_seed(runner.seed)
+        # mmengine builds the sampler before a resume restores the seed of a run without a fixed one
+        sampler = getattr(loader.batch_sampler, 'sampler', loader.sampler)
+        if hasattr(sampler, 'seed') and not runner.cfg.get('randomness', {}).get('diff_rank_seed', False):
+            sampler.seed = runner.seed
         if not loader.num_workers:
             return
         rank, _ = get_dist_info()
@@ -166,7 +174,7 @@ class RandomStateHook(Hook):
         if not wrapped:
             print_log('RandomStateHook: the train dataset has no pipeline to wrap, so its data-loader workers are '
                       'not reseeded per epoch; a resumed run may draw other augmentations.',
-                      logger='current', level='WARNING')
+                      logger='current', level=logging.WARNING)
 
     def before_train_epoch(self, runner) -> None:
         self._epoch.fill_(runner.epoch)
@@ -177,7 +185,7 @@ class RandomStateHook(Hook):
         if len(states) != world_size:
             print_log(f'RandomStateHook: the checkpoint holds the random states of {len(states)} processes, this '
                       f'run has {world_size}; the random streams continue from the seed instead.',
-                      logger='current', level='WARNING')
+                      logger='current', level=logging.WARNING)
         else:
             restore_random_states(states[rank])
         self._snapshot = None

@@ -5,6 +5,7 @@ activation. Parameter names follow the published checkpoints in both the trainin
 fused deploy structure, so official weights load without renaming.
 """
 import math
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -218,6 +219,25 @@ class VanillaBlock(nn.Module):
         self.deploy = True
 
 
+def _onednn_ops_available():
+    """Whether this torch build has the oneDNN (mkldnn) ops of the fused fast path."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch, 'mkldnn_max_pool2d')
+            and hasattr(torch.ops.mkldnn, '_convolution_pointwise'))
+
+
+def _onednn_conv(x, conv, relu=False):
+    """``conv`` (a Conv2d) on a oneDNN tensor, with its ReLU as a fused post-op when ``relu``."""
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
+                                                   list(conv.stride), list(conv.dilation), conv.groups,
+                                                   'relu' if relu else 'none', [None], None)
+
+
+def _onednn_depthwise(x, act):
+    """The deploy-form series activation's depthwise conv (its ReLU already applied) on a oneDNN tensor."""
+    return torch.ops.mkldnn._convolution_pointwise(x, act.weight, act.bias, [act.act_num, act.act_num], [1, 1],
+                                                   [1, 1], act.channels, 'none', [None], None)
+
+
 @contextmanager
 def _bn_statistics_restored(module):
     """Undo whatever the enclosed code does to the BN running statistics inside ``module``.
@@ -258,6 +278,13 @@ class VanillaNet(BaseModule):
         channels_last (bool): run in channels-last memory format (the outputs are channels-last
             too); depthwise convs, and so the series activation, are several times faster so on CPU.
             Default: True.
+        fast_inference (bool): fused structure only: on CPU, in fp32, without autograd (``torch.no_grad``
+            / ``torch.inference_mode``, no autocast), run the network on oneDNN tensors in its blocked
+            layout (nChw16c), where its direct depthwise kernel runs the series activation about twice as
+            fast as on channels-last tensors, and with every ReLU fused into the conv before it. Same
+            operations, same outputs up to float rounding. Everything else (training, gradients, CUDA,
+            other dtypes, tracing, ONNX export, ``torch.compile``, the ada-pool variant) takes the plain
+            path. Default: True.
         init_cfg (dict | list[dict] | None): mmengine init config; ``None`` means the paper's
             from-scratch init (truncated normal std 0.02, biases 0). Default: None.
     """
@@ -273,6 +300,7 @@ class VanillaNet(BaseModule):
                  with_cp=False,
                  deploy=False,
                  channels_last=True,
+                 fast_inference=True,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         # Imported here: mmdet_vanillanet.checkpoint imports this module.
@@ -297,6 +325,7 @@ class VanillaNet(BaseModule):
         self.with_cp = with_cp
         self.deploy = deploy
         self.channels_last = channels_last
+        self.fast_inference = fast_inference
         self._act_learn = 1.0
 
         self.stem_stride, stem_padding = (3, 1) if self.ada_pool else (STEM_KERNEL, 0)
@@ -403,6 +432,13 @@ class VanillaNet(BaseModule):
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f'Input {tuple(x.shape[-2:])} is too small for this VanillaNet: height and width '
                              f'must be at least {self.min_input_size} pixels.')
+        if self._use_onednn(x):
+            try:
+                return self._forward_onednn(x)
+            except (RuntimeError, NotImplementedError) as error:  # a torch build without these kernels
+                warnings.warn(f'VanillaNet: the oneDNN fast path failed ({error}); using the plain path '
+                              'from now on (fast_inference=False).')
+                self.fast_inference = False
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x)
@@ -411,6 +447,33 @@ class VanillaNet(BaseModule):
             x = self._run_block(block, x)
             if i in self.out_indices:
                 outs.append(x)
+        return tuple(outs)
+
+    def _use_onednn(self, x):
+        return (self.fast_inference and self.deploy and not self.ada_pool and not torch.is_grad_enabled()
+                and x.device.type == 'cpu' and x.dtype == torch.float32 and x.layout == torch.strided
+                and not torch.is_autocast_enabled('cpu') and not torch.jit.is_scripting()
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and not torch.onnx.is_in_onnx_export() and _onednn_ops_available())
+
+    def _forward_onednn(self, x):
+        """The fused forward on oneDNN tensors in its blocked layout (see ``fast_inference``).
+
+        The same operations as the plain path, with the ReLU of every series activation moved before the
+        max pool (max and ReLU commute exactly) so that it runs as a post-op of the conv before it.
+        """
+        x = x.contiguous().to_mkldnn()
+        x = _onednn_depthwise(_onednn_conv(x, self.stem[0], relu=True), self.stem[1])
+        outs = []
+        for i, block in enumerate(self.stages):
+            x = _onednn_conv(x, block.conv, relu=True)
+            if isinstance(block.pool, nn.MaxPool2d):
+                size = int(block.pool.kernel_size)
+                x = torch.mkldnn_max_pool2d(x, [size, size], [size, size])
+            x = _onednn_depthwise(x, block.act)
+            if i in self.out_indices:
+                out = x.to_dense()
+                outs.append(out.contiguous(memory_format=torch.channels_last) if self.channels_last else out)
         return tuple(outs)
 
     # ---- deploy ---------------------------------------------------------------------------------
@@ -440,6 +503,19 @@ class VanillaNet(BaseModule):
             block.switch_to_deploy()
         self.deploy = True
         self._freeze_stages()
+
+    # ---- loading --------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Every load into this backbone, mmengine's non-strict load_from and resume included, fits exactly
+        # or fails with the cause in words: a misfit is never skipped with a warning.
+        from ..checkpoint.weights import check_backbone_state_dict
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if own:
+            check_backbone_state_dict(self, own, source=f'a state dict ({prefix or "no prefix"}*)')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ---- training behaviour ---------------------------------------------------------------------
 
