@@ -71,7 +71,7 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_ke
 @pytest.fixture(scope='module')
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny')
-    data = generate_synthetic_coco(str(root / 'data'), num_train=8, num_val=4, image_size=64, seed=1,
+    data = generate_synthetic_coco(str(root / 'data'), num_train=8, num_val=4, image_size=64, seed=0,
                                    show_progress=False)['root']
     config = root / 'tiny_retinanet.py'
     config.write_text(TINY_CONFIG.format(root=ROOT, data=data))
@@ -95,3 +95,15 @@ def test_train_test_and_resume_through_tools(tiny_setup):
     assert re.search(r'resumed epoch: 1, iter: 2', log), log[-2000:]
     assert (work_dir / 'epoch_2.pth').is_file()
     assert 'Epoch(train) [1]' not in log.replace('  ', ' '), 'the finished epoch was trained again'
+
+
+def test_shortened_demo_trains_evaluates_fuses_and_draws(tiny_setup):
+    root, config = tiny_setup
+    work_dir = root / 'demo'
+    log = run_tool('tools/demo.py', '--config', config, '--work-dir', work_dir, '--num-train', 8,
+                   '--num-val', 4, '--image-size', 64, '--timed-images', 2)
+    before, after = re.findall(r'^bbox_mAP: (\d\.\d{3}) ', log, flags=re.M)
+    assert float(before) == pytest.approx(float(after), abs=1e-3), 'fusing changed the mAP'
+    assert re.search(r'inference time per image: \d+ ms trained structure, \d+ ms fused', log)
+    assert (work_dir / 'predictions.png').stat().st_size > 1000
+    assert list((work_dir / 'deploy').glob('*_deploy.pth'))

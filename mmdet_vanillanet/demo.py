@@ -1,0 +1,179 @@
+"""The main job on the embedded default data: train, evaluate, fuse, evaluate again, time, draw.
+
+``make demo`` runs :func:`run_demo` through ``tools/demo.py``. Every step uses the real components:
+mmengine's Runner for training and testing, mmdet's COCO metric (pycocotools), the project's deploy
+path for fusing and mmdet's visualizer for the picture.
+"""
+import copy
+import os.path as osp
+import time
+
+import mmcv
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
+from mmengine.logging import print_log
+from mmengine.runner import Runner
+
+from mmdet.registry import VISUALIZERS
+
+from .datasets import generate_synthetic_coco
+from .deploy import deploy_detector
+
+BBOX_MAP_KEY = 'coco/bbox_mAP'
+SEGM_MAP_KEY = 'coco/segm_mAP'
+
+
+def _data_root(cfg):
+    dataset = cfg.train_dataloader.dataset
+    while 'dataset' in dataset:  # wrappers such as RepeatDataset
+        dataset = dataset.dataset
+    return dataset.data_root
+
+
+def _test_metrics(cfg, checkpoint):
+    cfg = copy.deepcopy(cfg)
+    cfg.load_from = checkpoint
+    runner = Runner.from_cfg(cfg)
+    return runner, runner.test()
+
+
+@torch.no_grad()
+def seconds_per_image(model, dataloader, num_images, warmup=2):
+    """Median wall time of ``model.test_step`` over the first images of a batch-1 dataloader.
+
+    Args:
+        model (torch.nn.Module): detector in eval mode.
+        dataloader (torch.utils.data.DataLoader): yields batches of one image.
+        num_images (int): images timed (after ``warmup`` untimed ones).
+        warmup (int): images run first and not timed.
+    """
+    model.eval()
+    times = []
+    for i, batch in enumerate(dataloader):
+        if i >= warmup + num_images:
+            break
+        start = time.perf_counter()
+        model.test_step(batch)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _batch1_dataloader(runner):
+    loader = runner.test_dataloader
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=1, shuffle=False, num_workers=0,
+                                       collate_fn=pseudo_collate)
+
+
+@torch.no_grad()
+def draw_predictions(runner, out_file, num_images=4, score_thr=0.3):
+    """Draw ground truth (left) and predictions (right) of the first val images into one PNG.
+
+    Args:
+        runner (mmengine.runner.Runner): a runner whose model holds the weights to show.
+        out_file (str): PNG path.
+        num_images (int): images drawn, stacked vertically.
+        score_thr (float): smallest score drawn.
+    """
+    visualizer = VISUALIZERS.build(dict(type='DetLocalVisualizer', name=f'demo_{time.time_ns()}'))
+    visualizer.dataset_meta = runner.test_dataloader.dataset.metainfo
+    model = runner.model.eval()
+    panels = []
+    for i, batch in enumerate(_batch1_dataloader(runner)):
+        if i >= num_images:
+            break
+        sample = model.test_step(batch)[0]
+        image = mmcv.imread(sample.img_path, channel_order='rgb')
+        visualizer.add_datasample('prediction', image, sample, draw_gt=True, pred_score_thr=score_thr)
+        panels.append(visualizer.get_image())
+    width = max(p.shape[1] for p in panels)
+    padded = [np.pad(p, ((0, 4), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in panels]
+    mmcv.imwrite(np.concatenate(padded)[..., ::-1], out_file)
+    return out_file
+
+
+def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, seed=0, cfg_options=None,
+             timed_images=20):
+    """Train, evaluate, fuse and re-evaluate the demo detector; return a summary dict.
+
+    Args:
+        config (str): demo config (e.g. ``configs/demo/retinanet_vanillanet_demo.py``).
+        work_dir (str | None): defaults to ``work_dirs/<config name>``.
+        num_train (int): synthetic training images (the data is generated once and cached).
+        num_val (int): synthetic validation images (never trained on).
+        image_size (int): side of the synthetic images.
+        seed (int): dataset seed.
+        cfg_options (dict | None): config overrides, as ``--cfg-options``.
+        timed_images (int): images timed for the per-image inference figures.
+    """
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.work_dir = work_dir or osp.join('work_dirs', osp.splitext(osp.basename(config))[0])
+    generate_synthetic_coco(_data_root(cfg), num_train=num_train, num_val=num_val, image_size=image_size,
+                            seed=seed)
+
+    train_cfg = copy.deepcopy(cfg)
+    # evaluated once below, by a test run of the final checkpoint
+    train_cfg.val_dataloader = train_cfg.val_cfg = train_cfg.val_evaluator = None
+    runner = Runner.from_cfg(train_cfg)
+    start = time.perf_counter()
+    runner.train()
+    train_seconds = time.perf_counter() - start
+    checkpoint = osp.join(cfg.work_dir, f'epoch_{runner.max_epochs}.pth')
+
+    runner, metrics = _test_metrics(cfg, checkpoint)
+    dataloader = _batch1_dataloader(runner)
+    seconds = seconds_per_image(runner.model, dataloader, timed_images)
+    picture = draw_predictions(runner, osp.join(cfg.work_dir, 'predictions.png'))
+
+    fused = deploy_detector(config if not cfg_options else _dump(cfg), checkpoint,
+                            osp.join(cfg.work_dir, 'deploy'))
+    fused_cfg = Config.fromfile(fused['config'])
+    fused_cfg.work_dir = osp.join(cfg.work_dir, 'deploy')
+    fused_runner, fused_metrics = _test_metrics(fused_cfg, fused['checkpoint'])
+    fused_seconds = seconds_per_image(fused_runner.model, dataloader, timed_images)
+
+    summary = dict(
+        bbox_mAP=metrics[BBOX_MAP_KEY], fused_bbox_mAP=fused_metrics[BBOX_MAP_KEY],
+        segm_mAP=metrics.get(SEGM_MAP_KEY), fused_segm_mAP=fused_metrics.get(SEGM_MAP_KEY),
+        train_seconds=train_seconds, seconds_per_image=seconds, fused_seconds_per_image=fused_seconds,
+        max_deviation=fused['max_rel'], picture=picture, checkpoint=checkpoint,
+        fused_checkpoint=fused['checkpoint'], fused_config=fused['config'])
+    print_log(format_summary(summary), logger='current')
+    return summary
+
+
+def _dump(cfg):
+    path = osp.join(cfg.work_dir, 'demo_config.py')
+    cfg.dump(path)
+    return path
+
+
+def format_summary(summary):
+    """The closing lines of ``make demo``.
+
+    Args:
+        summary (dict): as returned by :func:`run_demo`.
+    """
+    segm = []
+    if summary.get('segm_mAP') is not None:
+        segm = [f"segm_mAP: {summary['segm_mAP']:.3f}   (trained detector, val split)",
+                f"segm_mAP: {summary['fused_segm_mAP']:.3f}   (fused detector, val split)"]
+    return '\n'.join([
+        '',
+        '================ demo summary ================',
+        f"bbox_mAP: {summary['bbox_mAP']:.3f}   (trained detector, val split)",
+        f"bbox_mAP: {summary['fused_bbox_mAP']:.3f}   (fused detector, val split)",
+        *segm,
+        f"training time: {summary['train_seconds'] / 60:.1f} min",
+        f"inference time per image: {summary['seconds_per_image'] * 1000:.0f} ms trained structure, "
+        f"{summary['fused_seconds_per_image'] * 1000:.0f} ms fused",
+        f"largest output deviation after fusing (relative): {summary['max_deviation']:.1e}",
+        f"predictions (left: ground truth, right: predicted): {summary['picture']}",
+        f"checkpoints: {summary['checkpoint']}",
+        f"             {summary['fused_checkpoint']} (config {summary['fused_config']})",
+        '==============================================',
+    ])
