@@ -39,5 +39,8 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow tests
 
+bench: install
+	$(PY) tools/benchmark.py
+
 clean:
 	rm -rf $(VENV) work_dirs data/synthetic_coco

@@ -168,7 +168,7 @@ def test_clear_errors(tmp_path, val_images, demo_detector):
     with pytest.raises(FileNotFoundError, match='Checkpoint .*nope.pth'):
         load_detector(DEMO_CONFIG, str(tmp_path / 'nope.pth'))
     fcos = write_config(tmp_path, FCOS_CONFIG, 'fcos_tiny.py')
-    with pytest.raises(RuntimeError, match=r'(?s)demo.pth does not fit the detector of .*fcos_tiny.py: .*mismatch'):
+    with pytest.raises(ValueError, match=r'(?s)demo.pth does not fit the detector of .*fcos_tiny.py: .*mismatch'):
         load_detector(fcos, checkpoint)
     centernet = load_detector(write_config(tmp_path, CENTERNET_CONFIG, 'centernet_tiny.py'), None)
     with pytest.raises(NotImplementedError, match='not supported for CenterNet with CenterNetHead. Supported: '

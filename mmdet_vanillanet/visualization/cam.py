@@ -92,8 +92,8 @@ def load_detector(config, checkpoint, device='cpu', cfg_options=None):
         return model
     try:
         meta = load_checkpoint(model, checkpoint, map_location='cpu', strict=True).get('meta', {})
-    except RuntimeError as e:
-        raise RuntimeError(f'Checkpoint {checkpoint} does not fit the detector of {config}: {e}') from e
+    except (RuntimeError, ValueError) as e:  # torch's strict load, or the backbone's worded check
+        raise ValueError(f'Checkpoint {checkpoint} does not fit the detector of {config}: {e}') from e
     classes = meta.get('dataset_meta', {}).get('classes') or meta.get('CLASSES')
     if classes is None:
         warnings.warn(f'Checkpoint {checkpoint} names no classes; labels are drawn with COCO class names.')

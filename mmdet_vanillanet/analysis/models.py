@@ -1,0 +1,146 @@
+"""The models the benchmark compares, built from configs without any download.
+
+VanillaNet detectors come from this project's configs (training structure, or ``deploy=True`` through
+:func:`mmdet_vanillanet.deploy.deploy_config`); the baselines from mmdet's own configs. Every backbone's
+``init_cfg`` is dropped (random initialisation: the benchmark measures cost, not accuracy).
+"""
+import copy
+import json
+import logging
+import os.path as osp
+from contextlib import contextmanager
+
+import torch
+from mmengine.config import Config
+from mmengine.hub import get_config
+from mmengine.logging import MMLogger
+
+from mmdet.registry import MODELS
+from mmdet.utils import register_all_modules
+
+from ..deploy import deploy_config, random_batch
+from ..models.vanillanet import VanillaNet
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+DETECTORS = ('retinanet', 'mask-rcnn')
+DETECTOR_NAMES = {'retinanet': 'RetinaNet', 'mask-rcnn': 'Mask R-CNN'}
+VANILLANET_CONFIGS = {
+    'retinanet': osp.join(ROOT, 'configs', 'retinanet_vanillanet13_1x.py'),
+    'mask-rcnn': osp.join(ROOT, 'configs', 'mask-rcnn_vanillanet13_1x.py'),
+}
+BASELINES = ('r50', 'swin-t')
+BASELINE_NAMES = {'r50': 'ResNet-50', 'swin-t': 'Swin-T'}
+BASELINE_CONFIGS = {
+    ('retinanet', 'r50'): 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py',
+    ('retinanet', 'swin-t'): 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py',
+    ('mask-rcnn', 'r50'): 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+    ('mask-rcnn', 'swin-t'): 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+}
+# VanillaNet paper, Table 5 (SPEC section 5): GFLOPs and parameters (M) of the fused detectors.
+PAPER = {
+    ('retinanet', 'vanillanet'): dict(gflops=396.9, params_m=75.4),
+    ('retinanet', 'swin-t'): dict(gflops=244.8, params_m=38.5),
+    ('mask-rcnn', 'vanillanet'): dict(gflops=420.7, params_m=77.1),
+    ('mask-rcnn', 'swin-t'): dict(gflops=263.8, params_m=47.8),
+}
+
+
+def parse_arch(arch):
+    """A VanillaNet arch from the command line: a name of ``ARCH_SETTINGS`` or a JSON dict."""
+    if isinstance(arch, str) and arch.lstrip().startswith('{'):
+        return json.loads(arch)
+    return arch
+
+
+def backbone_kwargs(arch='vanillanet_13', act_num=4, out_indices=(1, 8, 10)):
+    """Keyword arguments of the VanillaNet the benchmark measures (RetinaNet's outputs by default)."""
+    return dict(arch=parse_arch(arch), act_num=act_num, out_indices=tuple(out_indices))
+
+
+def build_backbone(deploy, arch='vanillanet_13', act_num=4, out_indices=(1, 8, 10), device='cpu', **kwargs):
+    """A VanillaNet (paper's random init) in eval mode.
+
+    Args:
+        deploy (bool): the fused structure.
+        arch, act_num, out_indices: as :class:`~mmdet_vanillanet.models.VanillaNet`.
+        device (str | torch.device): Default: 'cpu'.
+        **kwargs: more VanillaNet arguments (``channels_last``, ``fast_inference``, ``with_cp`` ...).
+    """
+    net = VanillaNet(deploy=deploy, **backbone_kwargs(arch, act_num, out_indices), **kwargs)
+    net.init_weights()
+    return net.to(device).eval()
+
+
+def detector_config(detector, backbone='vanillanet', deploy=False, arch=None, act_num=None, with_cp=False):
+    """The config of one benchmark detector, with every backbone ``init_cfg`` dropped.
+
+    Args:
+        detector (str): 'retinanet' or 'mask-rcnn'.
+        backbone (str): 'vanillanet' (this project's configs), 'r50' or 'swin-t' (mmdet's configs).
+        deploy (bool): VanillaNet only: the fused structure (``deploy=True``, as ``tools/deploy.py`` writes).
+        arch (str | dict | None): VanillaNet only: another arch than the config's (the neck's input
+            channels follow). None keeps vanillanet_13.
+        act_num (int | None): VanillaNet only: another act_num. None keeps the config's.
+        with_cp (bool): VanillaNet only: activation checkpointing.
+
+    Returns:
+        mmengine.Config
+    """
+    if detector not in DETECTORS:
+        raise KeyError(f'Unknown detector {detector!r}; choose from {", ".join(DETECTORS)}.')
+    if backbone == 'vanillanet':
+        cfg = Config.fromfile(VANILLANET_CONFIGS[detector])
+        cfg.model.backbone.pop('init_cfg', None)
+        if arch is not None:
+            cfg.model.backbone.arch = parse_arch(arch)
+            with torch.device('meta'):
+                probe = VanillaNet(**{k: v for k, v in cfg.model.backbone.items() if k != 'type'})
+            cfg.model.neck.in_channels = probe.out_channels
+        if act_num is not None:
+            cfg.model.backbone.act_num = act_num
+        cfg.model.backbone.with_cp = with_cp
+        if deploy:
+            cfg = deploy_config(cfg)
+        return cfg
+    if (detector, backbone) not in BASELINE_CONFIGS:
+        raise KeyError(f'Unknown baseline backbone {backbone!r}; choose from {", ".join(BASELINES)}.')
+    if deploy or arch is not None or act_num is not None or with_cp:
+        raise ValueError('deploy, arch, act_num and with_cp apply to VanillaNet detectors only.')
+    cfg = get_config(BASELINE_CONFIGS[(detector, backbone)], pretrained=False)
+    cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+@contextmanager
+def quiet_mmengine():
+    """Silence mmengine's INFO and WARNING messages (``init_weights`` logs every parameter when no log file is open)."""
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_detector(cfg, device='cpu', init=True):
+    """Build a config's detector in eval mode (random weights: no pretrained checkpoint is read).
+
+    Args:
+        cfg (mmengine.Config): from :func:`detector_config`.
+        device (str | torch.device): Default: 'cpu'.
+        init (bool): run ``init_weights`` (the configs' random initialisation). Default: True.
+    """
+    register_all_modules(init_default_scope=True)
+    with quiet_mmengine():
+        model = MODELS.build(copy.deepcopy(cfg.model))
+        if init:
+            model.init_weights()
+    return model.to(device).eval()
+
+
+def detector_inputs(model, shape, batch=1, device='cpu', seed=0):
+    """Fixed random, already-normalised images of ``shape`` (rounded up to the padding divisor) and metainfo."""
+    inputs, data_samples = random_batch(model, tuple(shape), batch, seed)
+    return inputs.to(device), data_samples

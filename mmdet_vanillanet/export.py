@@ -1,0 +1,252 @@
+"""ONNX export of the fused VanillaNet backbone, and of a single-stage detector's tensor outputs.
+
+Uses torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): the dynamo-based
+exporter, torch's default since 2.9, needs the ``onnxscript`` package, which this project does not
+install. The backbone exports with dynamic batch, height and width. Every export is checked: ONNX
+Runtime (CPU) on the same inputs must reproduce PyTorch's outputs.
+
+Mask R-CNN (two-stage) detectors are not exported: their ``mode='tensor'`` forward selects proposals
+with NMS and pools them with RoIAlign, mmcv ops without ONNX symbolics outside MMDeploy.
+"""
+import os
+import os.path as osp
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mmdet.models.detectors import SingleStageDetector
+
+from .models.vanillanet import VanillaNet
+
+DEFAULT_OPSET = 17
+
+
+class ONNXExportError(RuntimeError):
+    """The model cannot be exported, or ONNX Runtime does not reproduce PyTorch's outputs."""
+
+
+def _flatten(outputs):
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [t for item in outputs for t in _flatten(item)]
+
+
+class DetectorTensorOutputs(nn.Module):
+    """A single-stage detector's ``mode='tensor'`` forward (backbone, neck, head), outputs flattened.
+
+    Returns the head's raw maps level by level: every classification map, then every box map
+    (RetinaNet: ``cls_score_P3 ... cls_score_P7, bbox_pred_P3 ... bbox_pred_P7``). Decoding and NMS stay
+    outside, as in mmdet's own tensor mode.
+    """
+
+    def __init__(self, detector):
+        super().__init__()
+        if not isinstance(detector, SingleStageDetector):
+            raise ONNXExportError(
+                f'Only single-stage detectors export without extra dependencies; {type(detector).__name__} '
+                'selects proposals with NMS and pools them with RoIAlign (mmcv ops without ONNX symbolics): '
+                'export its backbone, or use MMDeploy.')
+        self.detector = detector
+
+    def forward(self, inputs):
+        return tuple(_flatten(self.detector._forward(inputs)))
+
+
+def _fused_backbone(model):
+    if not isinstance(model, VanillaNet):
+        raise TypeError(f'Expected a VanillaNet, got {type(model).__name__}.')
+    if not model.deploy:
+        raise ONNXExportError('Export the fused structure: call backbone.switch_to_deploy() first, or build it '
+                              'with deploy=True (tools/deploy.py writes such configs).')
+    return model
+
+
+def export_onnx(model, path, example, input_names, output_names, dynamic_axes=None, opset=DEFAULT_OPSET):
+    """``torch.onnx.export`` (TorchScript exporter) of ``model(example)`` in eval mode, without gradients.
+
+    Args:
+        model (nn.Module): the module to export.
+        path (str): the ``.onnx`` file to write (folders created).
+        example (Tensor): an input of the intended shape.
+        input_names (list[str]), output_names (list[str]): graph names.
+        dynamic_axes (dict | None): as ``torch.onnx.export``.
+        opset (int): ONNX opset. Default: 17.
+
+    Returns:
+        str: ``path``.
+    """
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one (which needs onnxscript), and
+        # the backbone's input checks are Python conditions the tracer reports; both warnings are expected.
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (example,), path, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
+    return path
+
+
+def export_backbone(model, path, shape=(1, 3, 800, 1216), dynamic=True, opset=DEFAULT_OPSET):
+    """Export a fused VanillaNet to ONNX: input ``input``, outputs ``out{i}`` for each ``out_indices`` entry.
+
+    Args:
+        model (VanillaNet): fused (``deploy=True``).
+        path (str): the ``.onnx`` file.
+        shape (tuple[int]): example input (N, C, H, W). Default: (1, 3, 800, 1216).
+        dynamic (bool): batch, height and width dynamic. Default: True.
+        opset (int): Default: 17.
+
+    Returns:
+        str: ``path``.
+    """
+    model = _fused_backbone(model)
+    example = torch.randn(*shape, device=next(model.parameters()).device)
+    outputs = [f'out{i}' for i in model.out_indices]
+    axes = None
+    if dynamic:
+        axes = {name: {0: 'batch', 2: 'height', 3: 'width'} for name in ['input'] + outputs}
+    return export_onnx(model, path, example, ['input'], outputs, axes, opset)
+
+
+def export_detector(detector, path, shape=(1, 3, 800, 1216), opset=DEFAULT_OPSET):
+    """Export a single-stage detector's tensor outputs (fixed input shape: anchors depend on it downstream).
+
+    Args:
+        detector (SingleStageDetector): e.g. RetinaNet with a fused VanillaNet.
+        path (str): the ``.onnx`` file.
+        shape (tuple[int]): input (N, C, H, W), already normalised and padded. Default: (1, 3, 800, 1216).
+        opset (int): Default: 17.
+
+    Returns:
+        tuple[str, list[str]]: ``path`` and the output names.
+    """
+    wrapper = DetectorTensorOutputs(detector).eval()
+    example = torch.randn(*shape, device=next(detector.parameters()).device)
+    with torch.no_grad():
+        count = len(wrapper(example))
+    half = count // 2
+    names = [f'cls_score{i}' for i in range(half)] + [f'bbox_pred{i}' for i in range(count - half)]
+    export_onnx(wrapper, path, example, ['input'], names, None, opset)
+    return path, names
+
+
+def onnx_session(path, threads=None):
+    """An ONNX Runtime CPU session with all graph optimisations.
+
+    Args:
+        path (str): the ``.onnx`` file.
+        threads (int | None): intra-op threads; None uses torch's thread count (the same cores as PyTorch).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+def run_onnx(session, inputs):
+    """Run a session on one input tensor; returns the outputs as tensors."""
+    name = session.get_inputs()[0].name
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {name: inputs.detach().cpu().numpy()})]
+
+
+def compare(reference, outputs):
+    """Largest deviation relative to each output's largest magnitude, over all outputs.
+
+    Args:
+        reference (list[Tensor]): PyTorch's outputs.
+        outputs (list[Tensor]): ONNX Runtime's, same order and shapes.
+
+    Returns:
+        dict: ``max_rel`` (worst output), ``max_abs``, ``num_outputs``.
+    """
+    reference = [t.detach().float().cpu().contiguous() for t in reference]
+    if [tuple(t.shape) for t in reference] != [tuple(t.shape) for t in outputs]:
+        raise ONNXExportError(f'ONNX Runtime returned shapes {[tuple(t.shape) for t in outputs]}, PyTorch '
+                              f'{[tuple(t.shape) for t in reference]}.')
+    max_rel = max_abs = 0.0
+    for ref, out in zip(reference, outputs):
+        diff = float((ref - out.float()).abs().max()) if ref.numel() else 0.0
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale else diff)
+    return dict(max_rel=max_rel, max_abs=max_abs, num_outputs=len(reference))
+
+
+def check_onnx(session, module, inputs, tolerance=1e-4):
+    """ONNX Runtime against PyTorch on ``inputs``; raises :class:`ONNXExportError` beyond ``tolerance``.
+
+    Args:
+        session: from :func:`onnx_session`.
+        module (nn.Module): the exported module (eval mode).
+        inputs (Tensor): a batch.
+        tolerance (float): largest allowed relative deviation (see :func:`compare`). Default: 1e-4.
+
+    Returns:
+        dict: as :func:`compare`.
+    """
+    with torch.no_grad():
+        reference = _flatten(module(inputs))
+    result = compare(reference, run_onnx(session, inputs))
+    if result['max_rel'] > tolerance:
+        raise ONNXExportError(f'ONNX Runtime deviates from PyTorch by {result["max_rel"]:.3g} (relative), more '
+                              f'than {tolerance:g}.')
+    return result
+
+
+def export_from_config(config, out, checkpoint=None, what='backbone', shape=(800, 1216), dynamic=True,
+                       opset=DEFAULT_OPSET, tolerance=1e-4, seed=0):
+    """Build a config's detector, load its checkpoint, fuse its VanillaNet, export, check with ONNX Runtime.
+
+    Args:
+        config (str): a detector config (training or ``deploy=True`` structure).
+        out (str): the ``.onnx`` file to write.
+        checkpoint (str | None): its trained (or deployed) checkpoint, loaded strictly through the safe
+            loader. None exports random weights (for trying the export).
+        what (str): 'backbone' (the fused VanillaNet, dynamic shapes) or 'detector' (a single-stage
+            detector's tensor outputs, fixed shape). Default: 'backbone'.
+        shape (tuple[int, int]): example image height and width. Default: (800, 1216).
+        dynamic (bool): backbone only: dynamic batch, height and width. Default: True.
+        opset (int): Default: 17.
+        tolerance (float): largest allowed relative deviation of ONNX Runtime from PyTorch. Default: 1e-4.
+        seed (int): seed of the check input (and of random weights). Default: 0.
+
+    Returns:
+        dict: ``path``, ``what``, ``outputs`` (names), ``max_rel``, ``max_abs``, ``input_shape``,
+        ``checkpoint``.
+    """
+    from mmengine.config import Config
+
+    from .analysis.models import quiet_mmengine
+    from .deploy import build_detector, fuse_vanillanets, load_detector_checkpoint
+
+    if what not in ('backbone', 'detector'):
+        raise ValueError(f'what must be "backbone" or "detector", got {what!r}.')
+    torch.manual_seed(seed)
+    with quiet_mmengine():
+        model = build_detector(Config.fromfile(config))
+        if checkpoint:
+            load_detector_checkpoint(model, checkpoint)
+        else:
+            model.init_weights()
+    model.eval()
+    fuse_vanillanets(model)
+    height, width = shape
+    if what == 'backbone':
+        if not isinstance(model.backbone, VanillaNet):
+            raise ONNXExportError(f'The config\'s backbone is {type(model.backbone).__name__}, not VanillaNet.')
+        module, input_shape = model.backbone, (1, 3, height, width)
+        export_backbone(module, out, input_shape, dynamic, opset)
+        names = [f'out{i}' for i in module.out_indices]
+    else:
+        divisor = getattr(model.data_preprocessor, 'pad_size_divisor', 1) or 1
+        input_shape = (1, 3, -(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        module = DetectorTensorOutputs(model)
+        _, names = export_detector(model, out, input_shape, opset)
+    inputs = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
+    result = check_onnx(onnx_session(out), module, inputs, tolerance)
+    return dict(result, path=out, what=what, outputs=names, input_shape=input_shape, checkpoint=checkpoint)

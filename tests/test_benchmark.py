@@ -1,0 +1,167 @@
+"""tools/benchmark.py and mmdet_vanillanet.analysis: the tool runs (tiny sizes) and its numbers agree.
+
+No timed assertions: timings on a shared machine prove nothing; the structure and the counts do.
+"""
+import importlib.util
+import json
+import math
+import os.path as osp
+
+import pytest
+import torch
+
+from mmdet_vanillanet.analysis import (complexity, gemm_bound_seconds, gemm_throughput, time_call,
+                                       time_interleaved)
+from mmdet_vanillanet.analysis.benchmark import FAST_ROW, TRAIN_ROW
+from mmdet_vanillanet.analysis.models import DETECTORS, build_detector, detector_config
+from mmdet_vanillanet.analysis.training_cost import training_cost
+from mmdet_vanillanet.models import VanillaNet
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# vanillanet_13's block layout (so the detection configs' out_indices fit), a few channels wide
+TINY_ARCH = json.dumps(dict(dims=[16, 16, 32] + [32] * 7 + [64, 64], strides=[1, 2, 2, 1, 1, 1, 1, 1, 1, 2, 1]))
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f'tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(tmp_path, capsys, *args):
+    out = tmp_path / 'bench.json'
+    load_tool('benchmark').main(['--quiet', '--shape', '64', '96', '--repeats', '1', '--warmup', '0',
+                                 '--gemm-size', '256', '--arch', TINY_ARCH, '--act-num', '2', '--json', str(out),
+                                 *args])
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = {(r['section'], r['name']): r for r in result['rows']}
+    return table, result, rows
+
+
+def test_backbone_and_onnx_rows_are_consistent(tmp_path, capsys):
+    table, result, rows = run_tool(tmp_path, capsys, '--only', 'backbone', 'onnx')
+    # one table, with what reproduces it
+    for needle in ('machine:', 'versions:', 'torch 2', 'load average', 'command: `python tools/benchmark.py',
+                   '| section | configuration |', 'Targets:'):
+        assert needle in table
+    assert sum(line.startswith('|---') for line in table.splitlines()) == 1
+    backbone = {name: r for (section, name), r in rows.items() if section == 'backbone'}
+    gemm = next(r for name, r in backbone.items() if name.startswith('GEMM: torch.mm'))
+    train, fused = backbone[TRAIN_ROW], backbone[FAST_ROW]
+    assert fused['flops'] < train['flops'] and fused['params'] < train['params']
+    for name in ('fused, NCHW (plain PyTorch)', 'fused + channels_last', 'fused, ONNX Runtime (CPU)'):
+        assert backbone[name]['flops'] == fused['flops'] and backbone[name]['params'] == fused['params']
+    assert backbone['training structure, NCHW']['flops'] == train['flops']
+    # the derived columns follow from the measured ones
+    for name, row in backbone.items():
+        assert row['seconds'] > 0 and row['seconds_min'] <= row['seconds']
+        if name.startswith('GEMM'):
+            assert row['gemm_share'] == pytest.approx(row['gflops'] / gemm['gflops'])
+            continue
+        assert row['speedup'] == pytest.approx(train['seconds'] / row['seconds'])
+        assert row['gflops'] == pytest.approx(2 * row['flops'] / row['seconds'] / 1e9)
+        assert row['gemm_share'] == pytest.approx(row['gflops'] / gemm['gflops'])
+        assert row['bound_ratio'] == pytest.approx(row['seconds'] / gemm_bound_seconds(row['flops'], gemm['gflops']))
+    # fusing and exporting change nothing but rounding
+    for name in ('fused, NCHW (plain PyTorch)', 'fused + channels_last', FAST_ROW):
+        assert backbone[name]['extra']['fused_vs_training_max_rel'] < 1e-4
+    assert backbone['fused, ONNX Runtime (CPU)']['extra']['onnx_max_rel'] < 1e-4
+    assert set(result['targets']) == {'bound_ratio', 'bound_ok', 'speedup', 'speedup_ok'}
+
+
+def test_detector_rows_fused_counts_below_training_counts(tmp_path, capsys):
+    _, _, rows = run_tool(tmp_path, capsys, '--only', 'complexity', 'detector', '--detectors', 'retinanet',
+                          '--baselines')
+    train, fused = rows[('RetinaNet', 'VanillaNet, training structure')], rows[('RetinaNet', 'VanillaNet, fused')]
+    assert fused['flops'] < train['flops'] and fused['params'] < train['params']
+    assert fused['seconds'] > 0 and train['speedup'] == pytest.approx(1.0)
+    assert 0 < fused['extra']['series_activation_flops'] < fused['flops']
+    # the same neck and head: the difference is the backbone's
+    with torch.device('meta'):
+        backbone = VanillaNet(arch=json.loads(TINY_ARCH), act_num=2, out_indices=(1, 8, 10))
+        fused_backbone = VanillaNet(arch=json.loads(TINY_ARCH), act_num=2, out_indices=(1, 8, 10), deploy=True)
+    saved = sum(p.numel() for p in backbone.parameters()) - sum(p.numel() for p in fused_backbone.parameters())
+    assert train['params'] - fused['params'] == saved
+
+
+@pytest.mark.parametrize('detector, paper_millions', [('retinanet', 75.4), ('mask-rcnn', 77.1)])
+def test_fused_vanillanet13_detectors_have_the_papers_parameter_counts(detector, paper_millions):
+    counts = {}
+    for deploy in (False, True):
+        with torch.device('meta'):
+            model = build_detector(detector_config(detector, deploy=deploy), device='meta', init=False)
+        counts[deploy] = sum(p.numel() for p in model.parameters())
+    # 75,376,372 and 77,150,960: the paper's one-decimal figures (77.15M printed as 77.1M)
+    assert abs(counts[True] / 1e6 - paper_millions) < 0.06
+    assert counts[False] > counts[True] + 45e6  # training structure: about 123M for RetinaNet (SPEC 5)
+    assert DETECTORS == ('retinanet', 'mask-rcnn')
+
+
+def test_complexity_counts_macs_of_convs_and_the_depthwise_part():
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    result = complexity(conv, torch.randn(1, 4, 10, 12))
+    assert result == dict(flops=8 * 4 * 9 * 10 * 12, params=8 * 4 * 9, series_activation_flops=0)
+    net = VanillaNet(arch=dict(dims=[8, 16], strides=[2]), act_num=1, deploy=True).eval()
+    result = complexity(net, torch.randn(1, 3, 64, 64))
+    stem, block, depthwise = 16 * 16 * 8 * 3 * 16, 16 * 16 * 16 * 8, (16 * 16 * 8 + 8 * 8 * 16) * 9
+    assert result['series_activation_flops'] == depthwise and result['flops'] == stem + block + depthwise
+
+
+def test_timing_helpers_and_gemm_throughput():
+    calls = []
+    timing = time_call(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(timing.times) == 3 and timing.min <= timing.median <= timing.max
+    order = []
+    timings = time_interleaved({'a': lambda: order.append('a'), 'b': lambda: order.append('b')}, warmup=1, repeats=2)
+    assert order == ['a', 'b', 'a', 'b', 'a', 'b'] and list(timings) == ['a', 'b']
+    gemm = gemm_throughput(size=128, repeats=2)
+    assert gemm['gflops'] > 0 and math.isclose(gemm['gflops'], 2 * 128 ** 3 / gemm['timing'].median / 1e9)
+    assert gemm_bound_seconds(1e9, 2.0) == pytest.approx(1.0)
+
+
+def test_training_cost_of_one_step():
+    result = training_cost(with_cp=True, shape=(32, 64), batch=1, steps=1, warmup_steps=0,
+                           arch=TINY_ARCH, act_num=1)
+    assert result['with_cp'] and result['seconds'] > 0 and len(result['times']) == 1
+    assert result['peak_bytes'] > 0 and 'RSS' in result['memory']
+
+
+@pytest.mark.slow
+def test_training_group_runs_each_configuration_in_its_own_process(tmp_path, capsys):
+    table, result, rows = run_tool(tmp_path, capsys, '--only', 'training', '--train-shape', '64', '64',
+                                   '--train-batch', '1', '--train-steps', '1', '--train-rounds', '1')
+    assert {name for section, name in rows if section == 'training step'} == {
+        'RetinaNet, training structure, with_cp=False', 'RetinaNet, training structure, with_cp=True'}
+    assert all(r['peak_bytes'] > 0 for r in rows.values())
+    assert 'with_cp saves' in table and 'with_cp' in result['meta']
+
+
+# ---- the fast fused path is the same function ---------------------------------------------------------
+
+@pytest.mark.parametrize('size', [(64, 64), (77, 101)])
+def test_fast_inference_path_equals_plain_path(size, monkeypatch):
+    torch.manual_seed(0)
+    net = VanillaNet(arch=dict(dims=[8, 20, 24, 24, 40], strides=[2, 1, 2, 2]), act_num=2, out_indices=(0, 1, 2, 3))
+    net.init_weights()
+    for p in net.parameters():  # well-scaled random weights: every output far from zero
+        p.data.normal_(0, 0.3)
+    net.eval().switch_to_deploy()
+    x = torch.randn(2, 3, *size)
+    used = []
+    forward_onednn = VanillaNet._forward_onednn
+    monkeypatch.setattr(VanillaNet, '_forward_onednn', lambda self, x: used.append(1) or forward_onednn(self, x))
+    with torch.no_grad():
+        fast = net(x)
+        net.fast_inference = False
+        plain = net(x)
+    assert used == [1]
+    for a, b in zip(fast, plain):
+        assert a.shape == b.shape and a.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    net.fast_inference = True
+    net(x)  # gradients enabled: the plain path
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert net(x)[0].dtype == torch.bfloat16  # autocast: the plain path
+    assert used == [1]

@@ -1,0 +1,141 @@
+"""ONNX export: the fused backbone and a single-stage detector, reproduced by ONNX Runtime (CPU)."""
+import importlib.util
+import os.path as osp
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+from mmdet.registry import MODELS
+from mmdet_vanillanet.export import (ONNXExportError, DetectorTensorOutputs, check_onnx, compare, export_backbone,
+                                     export_detector, onnx_session, run_onnx)
+from mmdet_vanillanet.models import VanillaNet
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+NARROW = dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2])
+
+
+def fused_net(**kwargs):
+    torch.manual_seed(0)
+    net = VanillaNet(arch=NARROW, act_num=2, out_indices=(0, 1, 3), **kwargs)
+    net.init_weights()
+    for module in net.modules():  # non-trivial BN statistics, so that fusing has something to fold
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    net.eval().switch_to_deploy()
+    return net
+
+
+def test_fused_backbone_dynamic_shapes_match_pytorch(tmp_path):
+    net = fused_net()
+    path = export_backbone(net, str(tmp_path / 'backbone.onnx'), shape=(1, 3, 96, 128))
+    onnx.checker.check_model(path)
+    session = onnx_session(path)
+    assert [o.name for o in session.get_outputs()] == ['out0', 'out1', 'out3']
+    # the export shape, another size and batch (dynamic axes), and both PyTorch paths (oneDNN and plain)
+    for shape in [(1, 3, 96, 128), (2, 3, 70, 161)]:
+        x = torch.randn(*shape)
+        for fast in (True, False):
+            net.fast_inference = fast
+            result = check_onnx(session, net, x, tolerance=1e-4)
+            assert result['max_rel'] < 1e-4 and result['num_outputs'] == 3
+
+
+def test_training_structure_is_refused_with_the_fix(tmp_path):
+    net = VanillaNet(arch=NARROW, act_num=2).eval()
+    with pytest.raises(ONNXExportError, match='switch_to_deploy'):
+        export_backbone(net, str(tmp_path / 'x.onnx'), shape=(1, 3, 64, 64))
+
+
+def tiny_retinanet():
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type='RetinaNet',
+        data_preprocessor=dict(type='DetDataPreprocessor', mean=[0, 0, 0], std=[1, 1, 1], pad_size_divisor=32),
+        backbone=dict(type='VanillaNet', arch=NARROW, act_num=2, out_indices=(0, 1, 3), deploy=True),
+        neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
+        bbox_head=dict(
+            type='RetinaHead', num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
+            anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4, scales_per_octave=1,
+                                  ratios=[1.0], strides=[8, 16, 32]),
+            bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[1.0] * 4),
+            loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+            loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+        test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
+                      max_per_img=10)))
+    model.init_weights()
+    return model.eval()
+
+
+def test_single_stage_detector_tensor_outputs_match_pytorch(tmp_path):
+    model = tiny_retinanet()
+    path, names = export_detector(model, str(tmp_path / 'retinanet.onnx'), shape=(1, 3, 64, 96))
+    assert names == [f'cls_score{i}' for i in range(3)] + [f'bbox_pred{i}' for i in range(3)]
+    session = onnx_session(path)
+    x = torch.randn(1, 3, 64, 96)
+    result = check_onnx(session, DetectorTensorOutputs(model), x)
+    assert result['num_outputs'] == 6 and result['max_rel'] < 1e-4
+    with torch.no_grad():
+        cls_scores, _ = model._forward(x)
+    assert [tuple(t.shape) for t in run_onnx(session, x)[:3]] == [tuple(t.shape) for t in cls_scores]
+
+
+def test_two_stage_detectors_are_refused_with_a_reason():
+    with pytest.raises(ONNXExportError, match='single-stage.*RoIAlign'):
+        DetectorTensorOutputs(nn.Conv2d(3, 3, 1))
+
+
+def test_compare_reports_the_worst_relative_deviation():
+    reference = [torch.tensor([1.0, -2.0]), torch.tensor([10.0, 0.0])]
+    result = compare(reference, [torch.tensor([1.0, -2.0]), torch.tensor([10.0, 0.5])])
+    assert result['max_rel'] == pytest.approx(0.05) and result['max_abs'] == pytest.approx(0.5)
+    with pytest.raises(ONNXExportError, match='shapes'):
+        compare(reference, [torch.zeros(3), torch.zeros(2)])
+
+
+TOOL_CONFIG = """
+custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
+default_scope = 'mmdet'
+model = dict(
+    type='RetinaNet',
+    data_preprocessor=dict(type='DetDataPreprocessor', mean=[0, 0, 0], std=[1, 1, 1], pad_size_divisor=32),
+    backbone=dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2]), act_num=2,
+                  out_indices=(0, 1, 3)),
+    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
+    bbox_head=dict(type='RetinaHead', num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
+                   anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4, scales_per_octave=1,
+                                         ratios=[1.0], strides=[8, 16, 32]),
+                   bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[1.0] * 4),
+                   loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+                   loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
+                  max_per_img=10))
+"""
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f'tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('what', ['backbone', 'detector'])
+def test_export_tool_fuses_exports_and_checks(tmp_path, capsys, what):
+    config = tmp_path / 'tiny_retinanet.py'
+    config.write_text(TOOL_CONFIG)
+    out = tmp_path / f'{what}.onnx'
+    load_tool('export_onnx').main([str(config), str(out), '--what', what, '--shape', '64', '80'])
+    printed = capsys.readouterr().out
+    assert osp.isfile(out) and 'random (no --checkpoint)' in printed
+    relative = float(printed.split('check:')[1].split('input: ')[1].split(' relative')[0])
+    assert relative < 1e-4
+    model = onnx.load(str(out))
+    names = [o.name for o in model.graph.output]
+    assert names == (['out0', 'out1', 'out3'] if what == 'backbone'
+                     else [f'cls_score{i}' for i in range(3)] + [f'bbox_pred{i}' for i in range(3)])
+    # the fused structure was exported: no BatchNormalization, one Conv per 1x1 and per activation
+    ops = [node.op_type for node in model.graph.node]
+    assert 'BatchNormalization' not in ops
