@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -30,7 +31,6 @@ from mmdet.testing import demo_mm_inputs
 from .latency import synchronize
 from .models import build_detector, detector_config, quiet_mmengine
 
-RESULT_PREFIX = 'TRAINING_COST_JSON '
 
 
 def _status_kib(field):
@@ -113,22 +113,29 @@ def training_cost_in_subprocess(timeout=None, **kwargs):
     kwargs.setdefault('shape', (320, 480))
     kwargs['shape'] = list(kwargs['shape'])
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    command = [sys.executable, '-m', 'mmdet_vanillanet.analysis.training_cost', json.dumps(kwargs)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f'The training-cost process failed (exit {done.returncode}):\n{done.stderr[-3000:]}')
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, 'result.json')
+        command = [sys.executable, '-m', 'mmdet_vanillanet.analysis.training_cost', json.dumps(kwargs),
+                   result_file]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        if done.returncode != 0 or not os.path.isfile(result_file):
+            raise RuntimeError(f'The training-cost process failed (exit {done.returncode}):\n'
+                               f'{done.stderr[-3000:]}')
+        with open(result_file) as f:
+            return json.load(f)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Measure one training configuration (used by the benchmark)')
     parser.add_argument('kwargs', help='JSON keyword arguments of training_cost')
+    parser.add_argument('result_file', help='where to write the measured figures (JSON)')
     args = parser.parse_args(argv)
     kwargs = json.loads(args.kwargs)
     kwargs['shape'] = tuple(kwargs.get('shape', (320, 480)))
     import mmdet_vanillanet  # noqa: F401  (registers the plugin's parts)
-    print(RESULT_PREFIX + json.dumps(training_cost(**kwargs)), flush=True)
+    result = training_cost(**kwargs)
+    with open(args.result_file, 'w') as f:
+        json.dump(result, f)
 
 
 if __name__ == '__main__':
