@@ -275,9 +275,11 @@ class VanillaNet(BaseModule):
         with_cp (bool): activation checkpointing per block: same outputs and gradients, less memory.
             Default: False.
         deploy (bool): build the fused deploy structure directly. Default: False.
-        channels_last (bool): run in channels-last memory format (the outputs are channels-last
-            too); depthwise convs, and so the series activation, are several times faster so on CPU.
-            Default: True.
+        channels_last (bool): run the network in channels-last memory format inside; depthwise convs,
+            and so the series activation, are several times faster so on CPU. The layout stays inside:
+            the outputs are always ordinary NCHW-contiguous tensors, because mmcv's RoIAlign and
+            deformable convs read their input's memory as NCHW (channels-last maps give wrong RoI
+            features silently, or "input must be contiguous"). Default: True.
         fast_inference (bool): fused structure only: on CPU, in fp32, without autograd (``torch.no_grad``
             / ``torch.inference_mode``, no autocast), run the network on oneDNN tensors in its blocked
             layout (nChw16c), where its direct depthwise kernel runs the series activation about twice as
@@ -446,7 +448,7 @@ class VanillaNet(BaseModule):
         for i, block in enumerate(self.stages):
             x = self._run_block(block, x)
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(x.contiguous())
         return tuple(outs)
 
     def _use_onednn(self, x):
@@ -472,8 +474,7 @@ class VanillaNet(BaseModule):
                 x = torch.mkldnn_max_pool2d(x, [size, size], [size, size])
             x = _onednn_depthwise(x, block.act)
             if i in self.out_indices:
-                out = x.to_dense()
-                outs.append(out.contiguous(memory_format=torch.channels_last) if self.channels_last else out)
+                outs.append(x.to_dense())
         return tuple(outs)
 
     # ---- deploy ---------------------------------------------------------------------------------
