@@ -281,3 +281,46 @@ def test_in_memory_buffers_keep_torch_behaviour():
     torch.save(dict(args=argparse.Namespace(a=1)), buffer)
     buffer.seek(0)
     assert torch.load(buffer)['args'].a == 1
+
+
+def test_empty_arrays_and_an_empty_history_buffer_load(tmp_path):
+    """Pickle protocol 2 writes an empty array's data as the call bytes(): allowed, and nothing else of bytes."""
+    from mmengine.logging import MessageHub
+    hub = MessageHub.get_instance(f'empty_{os.getpid()}')
+    hub.update_scalar('train/loss', 1.0)
+    state = hub.state_dict()
+    state['log_scalars']['val/never_logged'] = HistoryBuffer()
+    path = tmp_path / 'empty.pth'
+    torch.save(dict(message_hub=state, empty=np.zeros((0, 3), dtype=np.float32), meta=dict(epoch=1)), path)
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith('data.pkl')))
+    assert b'__builtin__\nbytes' in pickled  # the global the allow-list used to refuse
+    for load in (load_checkpoint_file, CheckpointLoader.load_checkpoint, _load_checkpoint):
+        loaded = load(str(path))
+        buffer = loaded['message_hub']['log_scalars']['val/never_logged']
+        assert isinstance(buffer, HistoryBuffer) and len(buffer.data[0]) == 0
+        assert loaded['empty'].shape == (0, 3) and loaded['empty'].dtype == np.float32
+
+    path = tmp_path / 'big_bytes.pth'
+    torch.save(dict(x=Payload((bytes, (10 ** 6, )))), path)
+    with pytest.raises(UnsafeCheckpointError, match='builtins.bytes'):
+        load_checkpoint_file(path)
+
+
+def test_an_mmdet2_optimizer_state_loads(tmp_path):
+    """mmcv 1.x checkpoints keep the optimizer: AdamW state plus mmdet 2.x's layer-decay group fields."""
+    model = ToyModel()
+    optimizer = torch.optim.AdamW([dict(params=[model.linear.weight], lr_scale=0.6, group_name='layer_0_decay',
+                                        param_names=['backbone.stem1.0.weight']),
+                                   dict(params=[model.linear.bias], lr_scale=1.0, group_name='layer_7_no_decay',
+                                        param_names=['bbox_head.retina_cls.bias'], weight_decay=0.0)], lr=8e-5)
+    model(torch.ones(2, 2), torch.ones(2, 1), mode='loss')['loss'].backward()
+    optimizer.step()
+    path = tmp_path / 'mmdet2.pth'
+    torch.save(dict(meta=dict(mmdet_version='2.25.1', CLASSES=('cat', 'dog'), seed=np.int64(7), epoch=12,
+                              hook_msgs=dict(last_ckpt='work_dirs/x/epoch_11.pth')),
+                    state_dict=model.state_dict(), optimizer=optimizer.state_dict()), path,
+               _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint_file(path)
+    assert loaded['optimizer']['param_groups'][0]['group_name'] == 'layer_0_decay'
+    assert loaded['meta']['seed'] == 7 and loaded['meta']['CLASSES'] == ('cat', 'dog')

@@ -5,13 +5,14 @@ Importing this package installs the safe loader (see :func:`install_safe_loading
 """
 from .safe_load import (EXTRA_SAFE_GLOBALS_ENV, SAFE_GLOBALS, CheckpointNotFoundError,
                         CheckpointReadError, UnsafeCheckpointError, install_safe_loading,
-                        load_checkpoint_file)
+                        load_checkpoint_file, read_checkpoint)
 from .weights import VanillaNetWeightsError, convert_backbone_checkpoint, load_pretrained_backbone
 
 install_safe_loading()
 
 __all__ = [
     'EXTRA_SAFE_GLOBALS_ENV', 'SAFE_GLOBALS', 'CheckpointNotFoundError', 'CheckpointReadError',
-    'UnsafeCheckpointError', 'install_safe_loading', 'load_checkpoint_file', 'VanillaNetWeightsError',
+    'UnsafeCheckpointError', 'install_safe_loading', 'load_checkpoint_file', 'read_checkpoint',
+    'VanillaNetWeightsError',
     'convert_backbone_checkpoint', 'load_pretrained_backbone'
 ]

@@ -1,25 +1,33 @@
-"""Weights-only checkpoint loading with an explicit allow-list.
+"""Weights-only checkpoint loading with an explicit allow-list, for local files and URLs alike.
 
 Since PyTorch 2.6, ``torch.load`` unpickles with ``weights_only=True`` by default and refuses any
 global it does not know. mmengine's own checkpoints (``HistoryBuffer``, numpy arrays and scalars in
-the message hub) and the published VanillaNet checkpoints (``argparse.Namespace``) hit that wall.
-:func:`install_safe_loading` allow-lists exactly those types and routes mmengine's local-file loading
-through :func:`load_checkpoint_file`, which keeps ``weights_only=True`` and turns failures into
-errors that name the file and the fix.
+the message hub), mmdet 2.x checkpoints and the published VanillaNet checkpoints (``argparse.Namespace``)
+hit that wall. :func:`install_safe_loading` allow-lists exactly those types and replaces every loader of
+mmengine's ``CheckpointLoader``: local files go through :func:`load_checkpoint_file`; ``http(s)://`` URLs
+(and the ``open-mmlab://``, ``mmcls://``, ``torchvision://`` model-zoo names, which resolve to URLs) are
+downloaded into torch's hub cache and then loaded by the same function, where mmengine would unpickle
+them with ``weights_only=False``; object storage (``s3://``, ``petrel://``) is read into memory and
+loaded weights-only as well. Failures become errors that name the file and the fix.
 """
 import argparse
 import importlib
 import inspect
+import io
 import os
 import os.path as osp
 import pickle
 import re
 import zipfile
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from mmengine.dist import get_dist_info
+from mmengine.fileio import get_file_backend
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import CheckpointLoader
+from mmengine.runner import checkpoint as mmengine_checkpoint
 
 EXTRA_SAFE_GLOBALS_ENV = 'MMDET_VANILLANET_EXTRA_SAFE_GLOBALS'
 
@@ -58,6 +66,19 @@ def _allowed_attribute(owner, name):
         'was not an allowed global (reached through builtins.getattr).')
 
 
+def _empty_bytes(*args):
+    """Stand-in for ``builtins.bytes`` inside weights-only unpickling: only ``bytes()``, the empty string.
+
+    Pickle protocol 2 (``torch.save``'s) writes an empty ``bytes`` object as the call ``bytes()``; an
+    empty numpy array (an empty ``HistoryBuffer`` in mmengine's message hub, say) holds one. Any
+    argument is refused: ``bytes(n)`` would allocate ``n`` bytes for whoever wrote the file.
+    """
+    if args:
+        raise pickle.UnpicklingError('Unsupported global: GLOBAL builtins.bytes was called with arguments; '
+                                     'only bytes() (the empty string) is allowed.')
+    return b''
+
+
 # Every entry is a type or function a legitimate checkpoint of this ecosystem references; found by
 # listing torch.serialization.get_unsafe_globals_in_checkpoint() on real files (see tests).
 SAFE_GLOBALS = [
@@ -79,6 +100,8 @@ SAFE_GLOBALS = [
     (_multiarray.scalar, 'numpy.core.multiarray.scalar'),
     # unpickling a dtype sets the state of an instance of its class (Float64DType, ...)
     *(cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)),
+    # an empty array's data: b'', pickled as bytes()
+    (_empty_bytes, 'builtins.bytes'),
     # published VanillaNet (classification) checkpoints keep their training arguments in 'args'
     argparse.Namespace,
 ]
@@ -88,11 +111,12 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint references a global that is not on the allow-list; it was not loaded.
 
     Args:
-        filename (str): The checkpoint path.
+        filename (str): The checkpoint path or URL.
         offender (str): The full name of the refused global, as written in the file.
+        note (str): A sentence added to the message. Default: ''.
     """
 
-    def __init__(self, filename, offender):
+    def __init__(self, filename, offender, note=''):
         self.filename, self.offender = filename, offender
         if offender.split('.')[0] in _SYSTEM_MODULES:
             fix = (f'a checkpoint has no use for {offender!r}: do not use this file, get the checkpoint '
@@ -103,7 +127,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
                    f"load_checkpoint_file(..., extra_safe_globals=['{offender}']).")
         super().__init__(
             f'Refused to load checkpoint {filename!r}: it references {offender!r}, which is not on '
-            'the weights-only allow-list of mmdet_vanillanet, so nothing outside that list was run. '
+            f'the weights-only allow-list of mmdet_vanillanet, so nothing outside that list was run. {note}'
             f'Fix: {fix}')
 
 
@@ -179,7 +203,7 @@ def check_checkpoint_file(path):
 
 
 def load_checkpoint_file(filename, map_location='cpu', extra_safe_globals=()):
-    """Load a checkpoint with ``weights_only=True`` and the allow-list of this module.
+    """Load a local checkpoint with ``weights_only=True`` and the allow-list of this module.
 
     Args:
         filename (str | os.PathLike): Local checkpoint path (``~`` is expanded).
@@ -197,6 +221,11 @@ def load_checkpoint_file(filename, map_location='cpu', extra_safe_globals=()):
     """
     path = osp.expanduser(os.fspath(filename))
     check_checkpoint_file(path)
+    return _load_weights_only(path, path, map_location, extra_safe_globals)
+
+
+def _load_weights_only(source, name, map_location, extra_safe_globals=()):
+    """``torch.load(source, weights_only=True)`` with the allow-list; errors name ``name`` and the fix."""
     names = [n.strip() for n in os.environ.get(EXTRA_SAFE_GLOBALS_ENV, '').split(',')]
     names += list(extra_safe_globals)
     registered = set(torch.serialization.get_safe_globals())
@@ -204,22 +233,22 @@ def load_checkpoint_file(filename, map_location='cpu', extra_safe_globals=()):
     extras = [g for g in (_resolve_global(n) for n in names if n) if g not in registered]
     try:
         with torch.serialization.safe_globals(extras):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         found = [m.group(1) for m in (re.search(p, str(err)) for p in _REFUSAL_PATTERNS) if m]
         if not found:
-            raise CheckpointReadError(f'Checkpoint {path!r} holds malformed pickle data. '
+            raise CheckpointReadError(f'Checkpoint {name!r} holds malformed pickle data. '
                                       + _REDOWNLOAD) from None
         offender = found[0] if '.' in found[0] or '<' in found[0] else 'builtins.' + found[0]
-        raise UnsafeCheckpointError(path, offender) from None
+        raise UnsafeCheckpointError(name, offender) from None
     except EOFError:
-        raise CheckpointReadError(f'Checkpoint {path!r} is truncated (it ends mid-record). '
+        raise CheckpointReadError(f'Checkpoint {name!r} is truncated (it ends mid-record). '
                                   + _REDOWNLOAD) from None
     except RuntimeError as err:
         if 'PytorchStreamReader' not in str(err):
-            err.add_note(f'while loading checkpoint {path!r}')
+            err.add_note(f'while loading checkpoint {name!r}')
             raise
-        raise CheckpointReadError(f'Checkpoint {path!r} is corrupted ({err}). ' + _REDOWNLOAD) from None
+        raise CheckpointReadError(f'Checkpoint {name!r} is corrupted ({err}). ' + _REDOWNLOAD) from None
 
 
 def load_from_local_weights_only(filename, map_location):
@@ -235,13 +264,153 @@ def load_from_local_weights_only(filename, map_location):
     return load_checkpoint_file(filename, map_location=map_location)
 
 
+URL_PREFIXES = ('http://', 'https://')
+MODEL_ZOO_PREFIXES = ('modelzoo://', 'torchvision://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
+OBJECT_STORAGE_PREFIXES = (r'(\S+\:)?s3://', r'(\S+\:)?petrel://')
+
+
+def download_checkpoint(url, model_dir=None, progress=False):
+    """Download ``url`` into torch's hub cache (``<TORCH_HOME>/hub/checkpoints``) unless it is there.
+
+    The same cache, file name and atomic download (``torch.hub.download_url_to_file``) as
+    ``torch.hub.load_state_dict_from_url``, without its unpickling.
+
+    Args:
+        url (str): ``http(s)://`` address of the checkpoint.
+        model_dir (str | None): cache folder instead of torch's. Default: None.
+        progress (bool): show a progress bar. Default: False.
+
+    Returns:
+        str: the local path.
+    """
+    filename = osp.basename(urlparse(url).path)
+    if not filename:
+        raise CheckpointReadError(f'Cannot name a cache file after {url!r}: it ends with "/". Fix: give the '
+                                  'address of the checkpoint file itself.')
+    model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(model_dir, exist_ok=True)
+    cached = osp.join(model_dir, filename)
+    if not osp.exists(cached):
+        torch.hub.download_url_to_file(url, cached, progress=progress)
+    return cached
+
+
+def load_from_url_weights_only(url, map_location=None):
+    """mmengine ``CheckpointLoader`` backend for ``http(s)://`` (replaces ``load_from_http``).
+
+    Rank 0 downloads first; the other processes of a distributed run then find the file in the cache.
+
+    Args:
+        url (str): the checkpoint's address.
+        map_location: Same as for :func:`torch.load`.
+
+    Returns:
+        The unpickled checkpoint, via :func:`load_checkpoint_file`.
+    """
+    rank, world_size = get_dist_info()
+    if rank == 0:
+        path = download_checkpoint(url)
+    if world_size > 1:
+        torch.distributed.barrier()
+        if rank > 0:
+            path = download_checkpoint(url)
+    try:
+        return load_checkpoint_file(path, map_location=map_location)
+    except UnsafeCheckpointError as err:
+        if rank == 0 and osp.exists(path):
+            os.remove(path)
+        raise UnsafeCheckpointError(url, err.offender, note=f'Its download was deleted from the cache ({path}). ') \
+            from None
+
+
+def model_zoo_url(name):
+    """The address (or mmengine-home-relative path) that mmengine's model-zoo tables give ``name``.
+
+    Args:
+        name (str): ``torchvision://resnet50``, ``open-mmlab://...``, ``mmcls://...`` (or ``modelzoo://``).
+    """
+    scheme, model = name.split('://', 1)
+    if scheme in ('modelzoo', 'torchvision'):
+        urls = mmengine_checkpoint.get_torchvision_models()
+    elif scheme == 'mmcls':
+        urls = mmengine_checkpoint.get_mmcls_models()
+    else:
+        urls = mmengine_checkpoint.get_external_models()
+        model = mmengine_checkpoint.get_deprecated_model_names().get(model, model)
+    if model not in urls:
+        raise KeyError(f'{name!r} names no model of mmengine\'s {scheme}:// table ({len(urls)} models).')
+    return urls[model]
+
+
+def load_from_model_zoo_weights_only(name, map_location=None):
+    """mmengine ``CheckpointLoader`` backend for the model-zoo schemes: resolve the name, then load safely.
+
+    Args:
+        name (str): e.g. ``open-mmlab://resnet50_caffe``.
+        map_location: Same as for :func:`torch.load`.
+    """
+    url = model_zoo_url(name)
+    if url.startswith(URL_PREFIXES):
+        checkpoint = load_from_url_weights_only(url, map_location=map_location)
+    else:  # open-mmlab names can point into mmengine's home folder
+        checkpoint = load_checkpoint_file(osp.join(mmengine_checkpoint._get_mmengine_home(), url),
+                                          map_location=map_location)
+    if name.startswith('mmcls://'):
+        checkpoint = mmengine_checkpoint._process_mmcls_checkpoint(checkpoint)
+    return checkpoint
+
+
+def load_from_object_storage_weights_only(filename, map_location=None):
+    """mmengine ``CheckpointLoader`` backend for ``s3://`` / ``petrel://``: read the bytes, load weights-only.
+
+    Args:
+        filename (str): the object's address.
+        map_location: Same as for :func:`torch.load`.
+    """
+    backend = get_file_backend(filename, backend_args={'backend': 'petrel'})
+    with io.BytesIO(backend.get(filename)) as buffer:
+        return _load_weights_only(buffer, filename, map_location)
+
+
+def refuse_pavi(filename, map_location=None):
+    """``pavi://`` checkpoints are not loaded: pavi's client is not part of this stack."""
+    raise CheckpointReadError(f'Cannot load {filename!r}: pavi:// checkpoints are not supported by the safe loader '
+                              'of mmdet_vanillanet. Fix: download the file and give its local path.')
+
+
+# mmengine scheme prefix(es) -> the loader that replaces mmengine's (all weights-only)
+SAFE_LOADERS = {
+    '': load_from_local_weights_only,
+    URL_PREFIXES: load_from_url_weights_only,
+    MODEL_ZOO_PREFIXES: load_from_model_zoo_weights_only,
+    OBJECT_STORAGE_PREFIXES: load_from_object_storage_weights_only,
+    'pavi://': refuse_pavi,
+}
+
+
+def read_checkpoint(filename, map_location='cpu'):
+    """Read a checkpoint from a local path or any scheme mmengine knows, always weights-only.
+
+    Args:
+        filename (str | os.PathLike): path or URL.
+        map_location: Same as for :func:`torch.load`. Defaults to ``'cpu'``.
+    """
+    filename = os.fspath(filename)
+    if '://' not in filename:
+        return load_checkpoint_file(filename, map_location=map_location)
+    return CheckpointLoader.load_checkpoint(filename, map_location=map_location, logger='current')
+
+
 def install_safe_loading():
-    """Allow-list :data:`SAFE_GLOBALS` in torch and make mmengine load local files weights-only.
+    """Allow-list :data:`SAFE_GLOBALS` in torch and make every mmengine checkpoint loader weights-only.
 
     Runs on import of :mod:`mmdet_vanillanet.checkpoint`; calling it again changes nothing.
-    Afterwards plain ``torch.load`` accepts mmengine's and the published VanillaNet checkpoints, and
-    every mmengine path that reads a local file (``load_from``, ``resume``, ``init_cfg`` pretrained
-    weights, ``load_checkpoint``) goes through :func:`load_checkpoint_file`.
+    Afterwards plain ``torch.load`` accepts mmengine's, mmdet 2.x's and the published VanillaNet
+    checkpoints, and every mmengine path that reads a checkpoint (``load_from``, ``resume``, ``init_cfg``
+    pretrained weights, ``load_checkpoint``, mmdet's ``DetInferencer``), local or URL, goes through
+    :func:`load_checkpoint_file` (see :data:`SAFE_LOADERS`).
     """
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_weights_only, force=True)
+    for prefixes, loader in SAFE_LOADERS.items():
+        if CheckpointLoader._schemes.get(prefixes if isinstance(prefixes, str) else prefixes[0]) is not loader:
+            CheckpointLoader.register_scheme(prefixes=prefixes, loader=loader, force=True)

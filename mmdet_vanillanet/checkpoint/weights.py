@@ -17,7 +17,7 @@ from mmengine.logging import print_log
 from mmengine.model.weight_init import PretrainedInit
 
 from ..models.vanillanet import ARCH_SETTINGS, VanillaNet
-from .safe_load import load_checkpoint_file
+from .safe_load import read_checkpoint
 
 # Where a classification checkpoint keeps its state dicts, in order of preference.
 STATE_DICT_KEYS = ('model_ema', 'model', 'state_dict')
@@ -123,19 +123,6 @@ def count_parameters(state_dict):
 
 
 # ---- reading ------------------------------------------------------------------------------------
-
-
-def read_checkpoint(path, map_location='cpu'):
-    """Read a checkpoint: local files through the safe loader, ``scheme://`` ones through mmengine.
-
-    Args:
-        path (str): file path or URL.
-        map_location (str | torch.device): where tensors go. Default: 'cpu'.
-    """
-    if '://' not in str(path):
-        return load_checkpoint_file(path, map_location=map_location)
-    from mmengine.runner.checkpoint import CheckpointLoader
-    return CheckpointLoader.load_checkpoint(path, map_location=map_location, logger='current')
 
 
 def select_state_dict(checkpoint, key=None):
