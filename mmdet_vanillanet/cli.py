@@ -18,8 +18,8 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .checkpoint.safe_load import CheckpointReadError
-from .checkpoint.safe_load import check_checkpoint_file
+from .checkpoint.safe_load import CheckpointReadError, check_checkpoint_file
+from .checkpoint.weights import check_pretrained_init_cfg
 from .datasets.checks import check_data_config
 from .deploy import vanillanet_cfgs
 
@@ -48,8 +48,12 @@ def add_runner_args(parser):
 def load_config(args, splits=()):
     """Read ``args.config``, apply ``--cfg-options``, ``--launcher`` and the work directory, check the data.
 
+    For training (``'train'`` in ``splits``) also apply ``args.resume`` (:func:`set_resume`) and, unless a
+    checkpoint replaces every weight, check that the backbone's pretrained weights exist, before the data.
+
     Args:
-        args (argparse.Namespace): parsed arguments of :func:`add_runner_args` plus ``config``.
+        args (argparse.Namespace): parsed arguments of :func:`add_runner_args` plus ``config`` (and
+            ``resume`` for training).
         splits (Sequence[str]): the splits the tool reads (``'train'``, ``'val'``, ``'test'``): their data
             roots, image folders and annotation files are checked now (see
             :func:`mmdet_vanillanet.datasets.checks.check_data_config`). Default: none.
@@ -65,8 +69,39 @@ def load_config(args, splits=()):
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
+    if 'train' in splits:
+        set_resume(cfg, getattr(args, 'resume', None))
+        if not cfg.get('load_from'):
+            check_training_weights(cfg)
     check_data_config(cfg, splits)
     return cfg
+
+
+def check_training_weights(cfg):
+    """Fail now, before any data is read, if a VanillaNet's ``init_cfg`` names a local file that is missing.
+
+    Only training reads these (ImageNet) weights; the message says where to get them and how to point at
+    them with ``--cfg-options``.
+
+    Args:
+        cfg (mmengine.Config): the training config.
+    """
+    for node in vanillanet_cfgs(cfg.model):
+        check_pretrained_init_cfg(node.get('init_cfg'))
+
+
+def drop_backbone_init_cfg(cfg, reason):
+    """Remove every VanillaNet's ``init_cfg`` from ``cfg.model`` (in place) and log why; returns how many.
+
+    Args:
+        cfg (mmengine.Config): the config.
+        reason (str): what replaces the weights, for the log.
+    """
+    nodes = [node for node in vanillanet_cfgs(cfg.model) if node.pop('init_cfg', None) is not None]
+    if nodes:
+        print_log(f'{reason} replaces every weight: the backbone init_cfg (pretrained ImageNet weights) is not read.',
+                  logger='current')
+    return len(nodes)
 
 
 def set_test_checkpoint(cfg, checkpoint):
@@ -82,8 +117,7 @@ def set_test_checkpoint(cfg, checkpoint):
     if '://' not in checkpoint:
         check_checkpoint_file(checkpoint)
     cfg.load_from = checkpoint
-    for node in vanillanet_cfgs(cfg.model):
-        node.pop('init_cfg', None)
+    drop_backbone_init_cfg(cfg, f'The checkpoint {checkpoint}')
 
 
 def find_resume_checkpoint(work_dir):
@@ -139,6 +173,8 @@ def set_resume(cfg, resume):
     load_from = cfg.get('load_from')
     if load_from and '://' not in str(load_from):
         check_checkpoint_file(str(load_from))
+    if load_from:
+        drop_backbone_init_cfg(cfg, f'{"Resuming from" if cfg.get("resume") else "load_from"} {load_from}')
 
 
 def _replace_sync_norms(node):

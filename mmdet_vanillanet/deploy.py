@@ -18,7 +18,7 @@ from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 
-from .checkpoint.safe_load import load_checkpoint_file
+from .checkpoint.safe_load import read_checkpoint
 from .checkpoint.weights import (VanillaNetWeightsError, check_backbone_state_dict, count_parameters,
                                  select_state_dict, strip_module_prefix)
 from .engine.act_learn_hook import META_KEY as ACT_LEARN_META_KEY
@@ -86,12 +86,12 @@ def load_detector_checkpoint(model, path):
 
     Args:
         model (nn.Module): the detector.
-        path (str): checkpoint file (mmengine ``{'state_dict': ..., 'meta': ...}`` or a bare state dict).
+        path (str): checkpoint file or URL (mmengine ``{'state_dict': ..., 'meta': ...}`` or a bare state dict).
 
     Returns:
         dict: the checkpoint's ``meta`` (empty when absent).
     """
-    checkpoint = load_checkpoint_file(path)
+    checkpoint = read_checkpoint(path)
     has_state_dict = isinstance(checkpoint, Mapping) and 'state_dict' in checkpoint
     state_dict, picked = select_state_dict(checkpoint, 'state_dict' if has_state_dict else None)
     state_dict, _ = strip_module_prefix(state_dict)
@@ -159,15 +159,31 @@ def _tensors(outputs):
 
 
 @torch.no_grad()
-def detector_outputs(model, inputs, data_samples):
-    """The detector's raw outputs (``mode='tensor'``, i.e. ``_forward``) as a flat list of tensors.
+def detector_outputs(model, inputs, data_samples, proposals=None):
+    """What the detector computes, as a flat list of tensors; two-stage detectors at fixed proposals.
+
+    Single-stage detectors: the raw outputs of ``mode='tensor'`` (``_forward``). Two-stage detectors
+    (with a ``roi_head``): the neck's features, the RPN head's raw outputs and the RoI head's outputs for
+    ``proposals``. Comparing RoI outputs at proposals that each model chose itself would compare different
+    boxes wherever the RPN's top-k choice flips between nearly equal scores.
 
     Args:
         model (nn.Module): the detector, in eval mode.
         inputs (Tensor): a batch of images.
         data_samples (list[DetDataSample]): their metainfo.
+        proposals (list[InstanceData] | None): the proposals at which a two-stage detector's RoI head is
+            evaluated; None: the RPN's own (return them to compare another model at the same boxes).
+
+    Returns:
+        tuple[list[Tensor], list[InstanceData] | None]: the outputs, and the proposals used.
     """
-    return [t.detach().clone() for t in _tensors(model(inputs, data_samples, mode='tensor'))]
+    if not hasattr(model, 'roi_head'):
+        return [t.detach().clone() for t in _tensors(model(inputs, data_samples, mode='tensor'))], None
+    features = model.extract_feat(inputs)
+    if proposals is None:
+        proposals = model.rpn_head.predict(features, data_samples, rescale=False)
+    outputs = [features, model.rpn_head(features), model.roi_head.forward(features, proposals, data_samples)]
+    return [t.detach().clone() for t in _tensors(outputs)], proposals
 
 
 def compare_outputs(before, after):
@@ -210,9 +226,9 @@ def deploy_detector(config, checkpoint, out_dir, shape=(320, 320), num_images=2,
     model.eval()
     params_before = count_parameters(model.state_dict())
     inputs, data_samples = random_batch(model, shape, num_images, seed)
-    before = detector_outputs(model, inputs, data_samples)
+    before, proposals = detector_outputs(model, inputs, data_samples)
     fused = fuse_vanillanets(model)
-    after = detector_outputs(model, inputs, data_samples)
+    after, _ = detector_outputs(model, inputs, data_samples, proposals)
     result = compare_outputs(before, after)
     if result['max_rel'] > tolerance:
         raise DeployCheckError(f'The fused detector deviates from the original by {result["max_abs"]:.3g} '
@@ -226,6 +242,8 @@ def deploy_detector(config, checkpoint, out_dir, shape=(320, 320), num_images=2,
     new_cfg.load_from = ckpt_path
     new_cfg.dump(cfg_path)
     new_meta = {k: meta[k] for k in KEPT_META if k in meta}
+    if 'dataset_meta' not in new_meta and meta.get('CLASSES'):  # an mmdet 2.x checkpoint
+        new_meta['dataset_meta'] = dict(classes=tuple(meta['CLASSES']))
     new_meta.update({ACT_LEARN_META_KEY: 1.0, 'deployed_from': osp.abspath(checkpoint),
                      'cfg': new_cfg.pretty_text})
     torch.save(dict(meta=new_meta, state_dict=model.state_dict()), ckpt_path)

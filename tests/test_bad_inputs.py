@@ -129,9 +129,15 @@ def test_missing_checkpoints(setup, tmp_path):
         tool('train', config, '--resume', missing, '--work-dir', tmp_path)
     with raises(CheckpointNotFoundError, f"Checkpoint '{missing}' does not exist"):
         tool('train', config, '--work-dir', tmp_path, '--cfg-options', f'load_from={missing}')
+    model = MODELS.build(with_pretrained(config, missing))  # building reads no weights
     with raises(FileNotFoundError, f"VanillaNet init_cfg checkpoint '{missing}' does not exist",
                 'model.backbone.init_cfg.checkpoint=/path/to/'):
-        MODELS.build(with_pretrained(config, missing))
+        model.init_weights()
+    # training from ImageNet weights: before any data is read (the data root is missing too)
+    with raises(FileNotFoundError, f"VanillaNet init_cfg checkpoint '{missing}' does not exist",
+                'model.backbone.init_cfg.checkpoint=/path/to/'):
+        tool('train', config, '--work-dir', tmp_path, '--cfg-options', 'model.backbone.init_cfg.type=Pretrained',
+             f'model.backbone.init_cfg.checkpoint={missing}', f'train_dataloader.dataset.data_root={tmp_path}/none')
 
 
 def test_files_that_are_not_checkpoints(setup, tmp_path):

@@ -172,6 +172,7 @@ def test_configs_exist():
 def test_config_loads_and_neck_matches_backbone(name):
     cfg = load(name)
     assert cfg.custom_imports == dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
+    assert dict(type='RandomStateHook') in cfg.custom_hooks  # README: exact resume with every config here
     assert cfg.model.backbone.type == 'VanillaNet'
     backbone = backbone_on_meta(cfg.model.backbone)
     # The neck's input widths are the backbone's own output description, not guessed numbers.
@@ -442,7 +443,7 @@ def test_every_variant_is_documented_and_consistent():
         assert Path(cfg.model.backbone.init_cfg.checkpoint).name.startswith(backbone.arch_name)
 
 
-def test_missing_pretrained_weights_stop_the_run_before_any_data_is_read(tmp_path):
+def narrow_recipe_without_weights(tmp_path, data_root):
     cfg = load('retinanet_vanillanet13_1x.py')
     missing = tmp_path / 'nowhere' / 'vanillanet_13_act_num_4_kd_pretrain.pth'
     cfg.merge_from_dict({'model.backbone.init_cfg.checkpoint': str(missing)})
@@ -450,10 +451,55 @@ def test_missing_pretrained_weights_stop_the_run_before_any_data_is_read(tmp_pat
     cfg.model.neck.in_channels = backbone_on_meta(cfg.model.backbone).out_channels
     cfg.work_dir = str(tmp_path / 'work')
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[loader].dataset.data_root = str(tmp_path / 'no_data')
+        cfg[loader].dataset.data_root = data_root
+    for evaluator in ('val_evaluator', 'test_evaluator'):
+        cfg[evaluator].ann_file = f'{data_root}/annotations/instances_val2017.json'
+    return cfg, missing
+
+
+def test_missing_pretrained_weights_stop_the_training_tool_before_any_data_is_read(tmp_path):
+    from tiny_detector import load_tool
+    cfg, missing = narrow_recipe_without_weights(tmp_path, str(tmp_path / 'no_data'))
+    cfg.dump(str(tmp_path / 'recipe.py'))
     with pytest.raises(FileNotFoundError) as error:
-        Runner.from_cfg(cfg).train()
+        load_tool('train').main([str(tmp_path / 'recipe.py')])
     message = str(error.value)
     assert str(missing) in message
     assert 'no_data' not in message
     assert 'init_cfg' in message  # how to point at the weights
+
+
+def test_missing_pretrained_weights_stop_mmengines_runner_before_the_first_iteration(tmp_path):
+    """mmdet's own tools/train.py builds the datasets first, then initialises the weights: same message."""
+    from released_detectors import coco_layout
+    from tiny_detector import make_data
+    data_root = coco_layout(make_data(tmp_path / 'shapes'), str(tmp_path / 'coco'))
+    cfg, missing = narrow_recipe_without_weights(tmp_path, data_root)
+    cfg.train_dataloader.num_workers = 0
+    cfg.train_dataloader.persistent_workers = False
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))) as error:
+        Runner.from_cfg(cfg).train()
+    assert 'model.backbone.init_cfg.checkpoint=' in str(error.value)
+    assert not list((tmp_path / 'work').rglob('*.pth'))
+
+
+# ---- the README's snippet ----------------------------------------------------------------------
+
+def readme_snippet():
+    """The python block under README's "Use VanillaNet in your own mmdet config"."""
+    text = (REPO / 'README.md').read_text()
+    section = text.split('## Use VanillaNet in your own mmdet config', 1)[1]
+    return re.search(r'```python\n(.*?)```', section, flags=re.S).group(1)
+
+
+@pytest.mark.parametrize('base', ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py',
+                                  'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'])
+def test_readme_snippet_pasted_into_a_single_stage_base_keeps_the_strides(base, tmp_path):
+    config = tmp_path / 'mine.py'
+    config.write_text(f'_base_ = {base!r}\n' + readme_snippet())
+    cfg = Config.fromfile(str(config))
+    backbone = backbone_on_meta(cfg.model.backbone)
+    assert list(cfg.model.neck.in_channels) == backbone.out_channels
+    strides = neck_output_strides(cfg.model)
+    for path, head in head_strides(cfg.model):
+        assert head == strides[:len(head)], f'{path}={head}, but the neck outputs strides {strides}'

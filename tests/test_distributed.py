@@ -105,3 +105,15 @@ def test_two_processes_equal_one_with_the_same_total_batch(tmp_path):
     deviation = max(float((single[k].double() - distributed[k].double()).abs().max()) for k in single)
     moved = max(float((single[k].double() - start[k].double()).abs().max()) for k in single)
     assert deviation < 1e-6 < 1e-3 < moved, (deviation, moved)
+
+
+@pytest.mark.parametrize('script, args', [('dist_train.sh', ['1']), ('dist_test.sh', ['missing.pth', '1'])])
+def test_launch_scripts_use_the_project_environment(script, args, tmp_path):
+    """Without PYTHON, the scripts run the project's .venv, not whatever `python` is first on PATH."""
+    env = tool_env(PORT=str(free_port()), PATH='/usr/bin:/bin')
+    env.pop('PYTHON', None)
+    missing = tmp_path / 'no_such_config.py'
+    result = subprocess.run(['bash', osp.join(ROOT, 'tools', script), str(missing), *args], env=env,
+                            capture_output=True, text=True, timeout=120)
+    # the error of tools/train.py / test.py itself: torch, mmdet and the plugin were importable
+    assert f"Config file '{missing}' does not exist" in result.stderr, result.stderr[-2000:]

@@ -107,3 +107,13 @@ def test_shortened_demo_trains_evaluates_fuses_and_draws(tiny_setup):
     assert re.search(r'inference time per image: \d+ ms trained structure, \d+ ms fused', log)
     assert (work_dir / 'predictions.png').stat().st_size > 1000
     assert list((work_dir / 'deploy').glob('*_deploy.pth'))
+
+
+def test_mmdet_own_train_tool_trains_with_the_plugin(tiny_setup):
+    """mmdet's tools/train.py (shipped in the mmdet package) on a config that carries the custom_imports line."""
+    import mmdet
+    root, config = tiny_setup
+    train = Path(mmdet.__file__).parent / '.mim' / 'tools' / 'train.py'
+    log = run_tool(train, config, '--work-dir', root / 'mmdet_train')
+    assert (root / 'mmdet_train' / 'epoch_1.pth').is_file()
+    assert re.search(r'coco/bbox_mAP: -?\d\.\d+', log)

@@ -250,14 +250,36 @@ def test_partial_load_is_explicit_and_lists_what_it_skipped(tmp_path, log_lines)
     assert sorted(summary['skipped']) == sorted(['stem2.2.weight'] + [f'stages.{i}.act.weight' for i in range(4)])
 
 
-def test_missing_local_checkpoint_fails_at_construction_with_the_fix():
+def test_missing_local_checkpoint_builds_and_fails_at_init_weights_with_the_fix():
+    """Building never reads the init_cfg file (a trained detector replaces every weight); initialising does."""
+    net = VanillaNet(arch=NARROW, init_cfg=dict(type='Pretrained', checkpoint='/nowhere/vanillanet_13.pth'))
     with pytest.raises(FileNotFoundError) as error:
-        VanillaNet(arch=NARROW, init_cfg=dict(type='Pretrained', checkpoint='/nowhere/vanillanet_13.pth'))
+        net.init_weights()
     message = str(error.value)
     assert "'/nowhere/vanillanet_13.pth' does not exist" in message
     assert 'huawei-noah/VanillaNet' in message and 'releases' in message
     assert '--cfg-options model.backbone.init_cfg.checkpoint=/path/to/vanillanet_13_act_num_4_kd_pretrain.pth' \
         in message
+
+
+@pytest.mark.parametrize('strict', [False, True])
+def test_reference_idiom_load_state_dict_drops_the_classifier(tmp_path, strict, log_lines):
+    """The reference code's backbone.load_state_dict(ckpt['model_ema'], strict=False) works: classifier dropped."""
+    source = random_net()
+    checkpoint = published(with_classifier(source.state_dict()), with_classifier(source.state_dict()), 3)
+    net = VanillaNet(arch=NARROW, act_num=3, out_indices=range(4))
+    result = net.load_state_dict(checkpoint['model_ema'], strict=strict)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same_features(net, source)
+    assert any('dropped the classifier' in line and '9 tensors' in line for line in log_lines)
+    assert 'cls1.2.weight' in checkpoint['model_ema']  # the caller's dict is left alone
+
+
+def test_strict_false_still_refuses_a_misfit_of_the_backbone_keys():
+    wrong = random_net(act_num=2).state_dict()
+    net = VanillaNet(arch=NARROW, act_num=3, out_indices=range(4))
+    with pytest.raises(VanillaNetWeightsError, match=r'5x5 activation kernels \(act_num=2\)'):
+        net.load_state_dict(with_classifier(wrong), strict=False)
 
 
 def test_bad_init_cfg_keys_raise():

@@ -7,7 +7,8 @@ CONFIG=$1
 CHECKPOINT=$2
 NPROC=$3
 HERE=$(cd "$(dirname "$0")" && pwd)
-PYTHON=${PYTHON:-python}
+# the project's environment (make install) unless PYTHON names another interpreter
+PYTHON=${PYTHON:-$HERE/../.venv/bin/python}
 PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \

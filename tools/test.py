@@ -25,6 +25,8 @@ def main(argv=None):
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
     runner = build_runner(cfg)
+    # every key of the checkpoint and of the model must match (mmengine's load_from is not strict)
+    runner.load_checkpoint(cfg.load_from, strict=True)
     if args.out is not None:
         if not args.out.endswith(('.pkl', '.pickle')):
             raise ValueError(f'--out must name a .pkl file, got {args.out!r}.')

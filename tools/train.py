@@ -2,7 +2,7 @@
 import argparse
 
 import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe checkpoint loader)
-from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config, set_resume
+from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config
 
 
 def parse_args(argv=None):
@@ -28,7 +28,6 @@ def main(argv=None):
             raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(enable=..., base_batch_size=...) '
                              'in the config.')
         cfg.auto_scale_lr.enable = True
-    set_resume(cfg, args.resume)
     build_runner(cfg).train()
 
 

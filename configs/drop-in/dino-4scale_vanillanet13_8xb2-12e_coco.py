@@ -27,3 +27,6 @@ sync_bn = 'torch'
 optim_wrapper = dict(
     constructor='VanillaNetLayerDecayOptimizerConstructor',
     paramwise_cfg=dict(_delete_=True, decay_rate=0.6, num_layers=6))
+
+# Exact resume after an interruption (tools/train.py --resume): saves and restores every random state.
+custom_hooks = [dict(type='RandomStateHook')]

@@ -29,3 +29,6 @@ optim_wrapper = dict(
     constructor='VanillaNetLayerDecayOptimizerConstructor',
     optimizer=dict(type='AdamW', lr=6.5e-5, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(decay_rate=0.6, num_layers=6))
+
+# Exact resume after an interruption (tools/train.py --resume): saves and restores every random state.
+custom_hooks = [dict(type='RandomStateHook')]

@@ -37,3 +37,6 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=4e-5, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(decay_rate=0.6, num_layers=6),
     clip_grad=dict(max_norm=35, norm_type=2))
+
+# Exact resume after an interruption (tools/train.py --resume): saves and restores every random state.
+custom_hooks = [dict(type='RandomStateHook')]

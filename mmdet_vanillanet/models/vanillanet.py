@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
+from mmengine.logging import print_log
 from mmengine.model import BaseModule, constant_init, trunc_normal_init
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -306,8 +307,8 @@ class VanillaNet(BaseModule):
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         # Imported here: mmdet_vanillanet.checkpoint imports this module.
-        from ..checkpoint.weights import check_pretrained_init_cfg
-        check_pretrained_init_cfg(init_cfg)
+        from ..checkpoint.weights import split_pretrained_init_cfg
+        split_pretrained_init_cfg(init_cfg)  # validates its keys; the file is read by init_weights only
         settings = resolve_arch(arch)
         self.arch_name = arch if isinstance(arch, str) else None
         self.dims, self.strides, self.ada_pool = settings['dims'], settings['strides'], settings['ada_pool']
@@ -510,8 +511,18 @@ class VanillaNet(BaseModule):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Every load into this backbone, mmengine's non-strict load_from and resume included, fits exactly
-        # or fails with the cause in words: a misfit is never skipped with a warning.
-        from ..checkpoint.weights import check_backbone_state_dict
+        # or fails with the cause in words: a misfit of the backbone's own keys is never skipped with a
+        # warning. A published checkpoint's classifier (cls1.*, cls2.*, cls.*) is no misfit: it is dropped
+        # and logged, so that load_state_dict(checkpoint['model_ema'], strict=False) works as in the
+        # reference code, and strict=True as well.
+        from ..checkpoint.weights import CLASSIFIER_KEY, check_backbone_state_dict
+        classifier = [k for k in state_dict if k.startswith(prefix) and CLASSIFIER_KEY.match(k[len(prefix):])]
+        for key in classifier:
+            del state_dict[key]  # torch hands each module its own copy of the state dict
+        if classifier:
+            print_log(f'VanillaNet: dropped the classifier of the loaded state dict ({len(classifier)} tensors: '
+                      f'{", ".join(classifier[:3])}{", ..." if len(classifier) > 3 else ""}); the backbone has '
+                      'no classifier.', logger='current')
         own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if own:
             check_backbone_state_dict(self, own, source=f'a state dict ({prefix or "no prefix"}*)')
@@ -551,8 +562,10 @@ class VanillaNet(BaseModule):
         """
         from mmengine.model import initialize
 
-        from ..checkpoint.weights import load_pretrained_backbone, split_pretrained_init_cfg
+        from ..checkpoint.weights import (check_pretrained_init_cfg, load_pretrained_backbone,
+                                          split_pretrained_init_cfg)
         pretrained, others = split_pretrained_init_cfg(self.init_cfg)
+        check_pretrained_init_cfg(self.init_cfg)
         if pretrained is None:
             if self.init_cfg is None:
                 self._init_from_scratch()
