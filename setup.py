@@ -6,6 +6,24 @@ setup(
     description='VanillaNet backbone for MMDetection 3.x',
     packages=find_packages(include=['mmdet_vanillanet', 'mmdet_vanillanet.*']),
     python_requires='>=3.9',
-    # Grad-CAM++ maps (tools/visualize_cam.py); torchcam needs only torch, numpy, pillow and matplotlib.
-    extras_require={'cam': ['torchcam==0.5.0']},
+    # What the package imports, at the versions it needs; `make install` installs the tested pins
+    # (requirements/) and then this package with --no-deps. mmcv must be built with its ops (MMCV_WITH_OPS=1):
+    # mmdet 3.3 refuses mmcv 2.2. torch >= 2.6 loads checkpoints weights-only by default and has the
+    # allow-list API; numpy 2 is where the allow-listed numpy.dtypes and numpy._core names live.
+    install_requires=[
+        'torch>=2.6',
+        'numpy>=2,<3',
+        'mmcv>=2.0.0,<2.2.0',
+        'mmengine>=0.10.4,<1.0',
+        'mmdet>=3.3.0,<3.4',
+        'pycocotools',
+        'opencv-python',
+        'matplotlib',
+    ],
+    extras_require={
+        # Grad-CAM++ maps (tools/visualize_cam.py); torchcam needs only torch, numpy, pillow and matplotlib.
+        'cam': ['torchcam==0.5.0'],
+        # ONNX export and its check (tools/export_onnx.py, the benchmark's ONNX rows)
+        'onnx': ['onnx>=1.16', 'onnxruntime>=1.18'],
+    },
 )

@@ -19,9 +19,9 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from .checkpoint.safe_load import CheckpointReadError, check_checkpoint_file
-from .checkpoint.weights import check_pretrained_init_cfg
+from .checkpoint.pretrained import check_pretrained_init_cfg
 from .datasets.checks import check_data_config
-from .deploy import vanillanet_cfgs
+from .detector_utils import vanillanet_cfgs
 
 # names mmengine's CheckpointHook gives checkpoints, newest first when sorted by time
 CHECKPOINT_PATTERNS = ('epoch_*.pth', 'iter_*.pth', 'best_*.pth')
@@ -97,7 +97,7 @@ def drop_backbone_init_cfg(cfg, reason):
         cfg (mmengine.Config): the config.
         reason (str): what replaces the weights, for the log.
     """
-    nodes = [node for node in vanillanet_cfgs(cfg.model) if node.pop('init_cfg', None) is not None]
+    nodes = [node for node in vanillanet_cfgs(cfg.get('model', {})) if node.pop('init_cfg', None) is not None]
     if nodes:
         print_log(f'{reason} replaces every weight: the backbone init_cfg (pretrained ImageNet weights) is not read.',
                   logger='current')

@@ -16,21 +16,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mmengine.config import Config
+
 from mmdet.models.detectors import SingleStageDetector
 
-from .models.vanillanet import VanillaNet
+from .deploy import load_detector_checkpoint
+from .detector_utils import (build_detector, flatten_tensors, fuse_vanillanets, padded_shape, quiet_mmengine,
+                             relative_deviation)
+from .models import VanillaNet
 
 DEFAULT_OPSET = 17
 
 
 class ONNXExportError(RuntimeError):
     """The model cannot be exported, or ONNX Runtime does not reproduce PyTorch's outputs."""
-
-
-def _flatten(outputs):
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    return [t for item in outputs for t in _flatten(item)]
 
 
 class DetectorTensorOutputs(nn.Module):
@@ -51,7 +50,7 @@ class DetectorTensorOutputs(nn.Module):
         self.detector = detector
 
     def forward(self, inputs):
-        return tuple(_flatten(self.detector._forward(inputs)))
+        return tuple(flatten_tensors(self.detector._forward(inputs)))
 
 
 def _fused_backbone(model):
@@ -61,6 +60,11 @@ def _fused_backbone(model):
         raise ONNXExportError('Export the fused structure: call backbone.switch_to_deploy() first, or build it '
                               'with deploy=True (tools/deploy.py writes such configs).')
     return model
+
+
+def _example_input(shape, device):
+    """A random input of ``shape`` for tracing, from a local generator (the global random state is untouched)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def export_onnx(model, path, example, input_names, output_names, dynamic_axes=None, opset=DEFAULT_OPSET):
@@ -102,7 +106,7 @@ def export_backbone(model, path, shape=(1, 3, 800, 1216), dynamic=True, opset=DE
         str: ``path``.
     """
     model = _fused_backbone(model)
-    example = torch.randn(*shape, device=next(model.parameters()).device)
+    example = _example_input(shape, next(model.parameters()).device)
     outputs = [f'out{i}' for i in model.out_indices]
     axes = None
     if dynamic:
@@ -123,7 +127,7 @@ def export_detector(detector, path, shape=(1, 3, 800, 1216), opset=DEFAULT_OPSET
         tuple[str, list[str]]: ``path`` and the output names.
     """
     wrapper = DetectorTensorOutputs(detector).eval()
-    example = torch.randn(*shape, device=next(detector.parameters()).device)
+    example = _example_input(shape, next(detector.parameters()).device)
     with torch.no_grad():
         count = len(wrapper(example))
     half = count // 2
@@ -154,29 +158,6 @@ def run_onnx(session, inputs):
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {name: inputs.detach().cpu().numpy()})]
 
 
-def compare(reference, outputs):
-    """Largest deviation relative to each output's largest magnitude, over all outputs.
-
-    Args:
-        reference (list[Tensor]): PyTorch's outputs.
-        outputs (list[Tensor]): ONNX Runtime's, same order and shapes.
-
-    Returns:
-        dict: ``max_rel`` (worst output), ``max_abs``, ``num_outputs``.
-    """
-    reference = [t.detach().float().cpu().contiguous() for t in reference]
-    if [tuple(t.shape) for t in reference] != [tuple(t.shape) for t in outputs]:
-        raise ONNXExportError(f'ONNX Runtime returned shapes {[tuple(t.shape) for t in outputs]}, PyTorch '
-                              f'{[tuple(t.shape) for t in reference]}.')
-    max_rel = max_abs = 0.0
-    for ref, out in zip(reference, outputs):
-        diff = float((ref - out.float()).abs().max()) if ref.numel() else 0.0
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / scale if scale else diff)
-    return dict(max_rel=max_rel, max_abs=max_abs, num_outputs=len(reference))
-
-
 def check_onnx(session, module, inputs, tolerance=1e-4):
     """ONNX Runtime against PyTorch on ``inputs``; raises :class:`ONNXExportError` beyond ``tolerance``.
 
@@ -184,14 +165,19 @@ def check_onnx(session, module, inputs, tolerance=1e-4):
         session: from :func:`onnx_session`.
         module (nn.Module): the exported module (eval mode).
         inputs (Tensor): a batch.
-        tolerance (float): largest allowed relative deviation (see :func:`compare`). Default: 1e-4.
+        tolerance (float): largest allowed deviation
+            (:func:`~mmdet_vanillanet.detector_utils.relative_deviation`). Default: 1e-4.
 
     Returns:
-        dict: as :func:`compare`.
+        dict: as :func:`~mmdet_vanillanet.detector_utils.relative_deviation`.
     """
     with torch.no_grad():
-        reference = _flatten(module(inputs))
-    result = compare(reference, run_onnx(session, inputs))
+        reference = flatten_tensors(module(inputs))
+    outputs = run_onnx(session, inputs)
+    try:
+        result = relative_deviation(reference, outputs)
+    except ValueError as err:
+        raise ONNXExportError(f'ONNX Runtime returned other outputs than PyTorch: {err}') from None
     if result['max_rel'] > tolerance:
         raise ONNXExportError(f'ONNX Runtime deviates from PyTorch by {result["max_rel"]:.3g} (relative), more '
                               f'than {tolerance:g}.')
@@ -219,21 +205,13 @@ def export_from_config(config, out, checkpoint=None, what='backbone', shape=(800
         dict: ``path``, ``what``, ``outputs`` (names), ``max_rel``, ``max_abs``, ``input_shape``,
         ``checkpoint``.
     """
-    from mmengine.config import Config
-
-    from .analysis.models import quiet_mmengine
-    from .deploy import build_detector, fuse_vanillanets, load_detector_checkpoint
-
     if what not in ('backbone', 'detector'):
         raise ValueError(f'what must be "backbone" or "detector", got {what!r}.')
-    torch.manual_seed(seed)
-    with quiet_mmengine():
-        model = build_detector(Config.fromfile(config))
+    with quiet_mmengine(), torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        model = build_detector(Config.fromfile(config).model, init_weights=not checkpoint)
         if checkpoint:
             load_detector_checkpoint(model, checkpoint)
-        else:
-            model.init_weights()
-    model.eval()
     fuse_vanillanets(model)
     height, width = shape
     if what == 'backbone':
@@ -243,8 +221,7 @@ def export_from_config(config, out, checkpoint=None, what='backbone', shape=(800
         export_backbone(module, out, input_shape, dynamic, opset)
         names = [f'out{i}' for i in module.out_indices]
     else:
-        divisor = getattr(model.data_preprocessor, 'pad_size_divisor', 1) or 1
-        input_shape = (1, 3, -(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        input_shape = (1, 3, *padded_shape(model, (height, width)))
         module = DetectorTensorOutputs(model)
         _, names = export_detector(model, out, input_shape, opset)
     inputs = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))

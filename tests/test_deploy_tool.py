@@ -1,4 +1,5 @@
 """tools/deploy.py: a trained tiny detector is fused, written and gives the same predictions."""
+import copy
 import os.path as osp
 import re
 import subprocess
@@ -15,7 +16,7 @@ from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 from mmdet_vanillanet.checkpoint import load_checkpoint_file
-from mmdet_vanillanet.checkpoint.weights import VanillaNetWeightsError
+from mmdet_vanillanet.checkpoint import VanillaNetWeightsError
 from mmdet_vanillanet.datasets import generate_synthetic_coco, synthetic_coco_metainfo
 from mmdet_vanillanet.deploy import deploy_config, deploy_detector
 
@@ -140,7 +141,11 @@ def test_deploy_tool_fuses_a_trained_detector_with_equal_predictions(tmp_path):
         in result.stdout
 
     cfg = Config.fromfile(str(out_dir / 'retinanet_tiny_deploy.py'))
-    assert cfg.model.backbone.deploy is True and 'init_cfg' not in cfg.model.backbone
+    assert cfg.model.backbone.deploy is True and cfg.model.backbone.init_cfg is None
+    # a short config: the source config as _base_, then only what fusing changes
+    text = (out_dir / 'retinanet_tiny_deploy.py').read_text()
+    assert f"_base_ = '../retinanet_tiny.py'" in text and "model = {'backbone': {'deploy': True, 'init_cfg': None}}" in text
+    assert len(text.splitlines()) == 4
     assert cfg.custom_imports.imports == ['mmdet_vanillanet'] and cfg.test_dataloader.batch_size == 2
     fused = MODELS.build(cfg.model)
     saved = load_checkpoint_file(str(out_dir / 'retinanet_tiny_deploy.pth'))
@@ -174,12 +179,12 @@ def test_deploy_config_drops_backbone_init_cfg(tmp_path):
     cfg = Config.fromfile(write_config(tmp_path))
     cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(tmp_path / 'imagenet.pth'))
     new = deploy_config(cfg)
-    assert new.model.backbone.deploy is True and 'init_cfg' not in new.model.backbone
+    assert new.model.backbone.deploy is True and new.model.backbone.init_cfg is None
     assert cfg.model.backbone.init_cfg.type == 'Pretrained'  # the input config is left alone
 
 
 def test_deploy_the_demo_config(tmp_path):
-    """A config inheriting mmdet's (``_base_``) is dumped whole and builds the fused detector."""
+    """A config inheriting mmdet's (``_base_``): the deploy config inherits it in turn and builds the fused detector."""
     config = osp.join(ROOT, 'configs', 'demo', 'retinanet_vanillanet_demo.py')
     register_all_modules()
     model = MODELS.build(Config.fromfile(config).model)
@@ -221,3 +226,42 @@ def test_fused_checkpoint_gives_the_same_coco_map(tmp_path):
         assert len(a['scores']) > 0
         torch.testing.assert_close(b['scores'], a['scores'], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b['bboxes'], a['bboxes'], rtol=1e-4, atol=1e-3)
+
+
+def test_a_vanillanet_inside_a_list_gets_the_whole_config_written(tmp_path):
+    """Inheritance replaces lists whole: then the deploy config is the full config with the overrides."""
+    from mmdet_vanillanet.deploy import write_deploy_config
+    cfg = Config.fromfile(write_config(tmp_path))
+    cfg.model.extra_backbones = [copy.deepcopy(cfg.model.backbone)]
+    path = write_deploy_config(str(tmp_path / 'retinanet_tiny.py'), cfg, str(tmp_path / 'listed_deploy.py'), 'x.pth')
+    written = Config.fromfile(path)
+    assert '_base_ =' not in (tmp_path / 'listed_deploy.py').read_text()
+    assert written.model.extra_backbones[0].deploy is True and written.model.backbone.deploy is True
+    assert written.load_from == 'x.pth'
+
+
+def test_relative_deviation_measures_each_output_against_its_own_scale():
+    from mmdet_vanillanet.detector_utils import relative_deviation
+    reference = [torch.tensor([1.0, -2.0]), torch.tensor([10.0, 0.0]), torch.zeros(2)]
+    result = relative_deviation(reference, [torch.tensor([1.0, -2.0]), torch.tensor([10.0, 0.5]),
+                                            torch.tensor([0.0, 1e-3])])
+    assert result['max_rel'] == pytest.approx(0.05) and result['max_abs'] == pytest.approx(0.5)
+    assert result['num_tensors'] == 3
+    with pytest.raises(ValueError, match='different shapes'):
+        relative_deviation(reference, [torch.zeros(3), torch.zeros(2), torch.zeros(2)])
+
+
+def test_building_a_detector_leaves_the_callers_default_scope(tmp_path):
+    from mmengine.registry import DefaultScope, init_default_scope
+    from mmdet_vanillanet.detector_utils import build_detector
+    init_default_scope('mmengine')
+    model = build_detector(Config.fromfile(write_config(tmp_path)).model, init_weights=True)
+    assert type(model).__name__ == 'RetinaNet' and not model.training
+    assert DefaultScope.get_current_instance().scope_name == 'mmengine'
+
+
+def test_exporting_with_random_weights_leaves_the_callers_random_state(tmp_path):
+    from mmdet_vanillanet.export import export_from_config
+    state = torch.random.get_rng_state()
+    export_from_config(write_config(tmp_path), str(tmp_path / 'backbone.onnx'), shape=(64, 64))
+    assert torch.equal(torch.random.get_rng_state(), state)

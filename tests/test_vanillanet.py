@@ -1,6 +1,8 @@
 """The VanillaNet backbone: archs, outputs, fusion, freezing, checkpointing, errors."""
+import doctest
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet.registry import MODELS
-from mmdet_vanillanet.models import ARCH_SETTINGS, VanillaNet
+from mmdet_vanillanet.models import ARCH_SETTINGS, VanillaNet, onednn_inference
 
 NARROW = dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2])
 
@@ -32,7 +34,7 @@ def randomize_bn_statistics(net, generator):
             module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
 
 
-# Published key patterns (SPEC section 3), without the classifier.
+# Published key patterns (the reference checkpoints' layout), without the classifier.
 TRAIN_KEYS = [r'stem1\.[01]\.', r'stem2\.[01]\.', r'stem2\.2\.weight$', r'stem2\.2\.bn\.',
               r'stages\.\d+\.conv[12]\.[01]\.', r'stages\.\d+\.act\.weight$', r'stages\.\d+\.act\.bn\.']
 DEPLOY_KEYS = [r'stem\.0\.(weight|bias)$', r'stem\.1\.(weight|bias)$', r'stages\.\d+\.conv\.(weight|bias)$',
@@ -268,3 +270,103 @@ def test_bad_inputs_raise_clear_errors():
         net(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match=r'act_learn must lie in \[0, 1\]'):
         net.act_learn = 1.5
+
+
+# ---- the oneDNN fast path of the fused backbone ---------------------------------------------------------
+
+def fused_random_net(scale=0.3):
+    """A fused narrow net with well-scaled random weights: every output far from zero."""
+    torch.manual_seed(0)
+    net = VanillaNet(arch=dict(dims=[8, 20, 24, 24, 40], strides=[2, 1, 2, 2]), act_num=2, out_indices=(0, 1, 2, 3))
+    net.init_weights()
+    for p in net.parameters():
+        p.data.normal_(0, scale)
+    net.eval().switch_to_deploy()
+    return net
+
+
+def count_fast_path_calls(monkeypatch):
+    used = []
+    fused_forward = onednn_inference.fused_forward
+    monkeypatch.setattr(onednn_inference, 'fused_forward', lambda net, x: used.append(1) or fused_forward(net, x))
+    return used
+
+
+@pytest.mark.parametrize('size', [(64, 64), (77, 101)])
+def test_fast_inference_path_equals_plain_path(size, monkeypatch):
+    net = fused_random_net()
+    x = torch.randn(2, 3, *size)
+    used = count_fast_path_calls(monkeypatch)
+    with torch.no_grad():
+        fast = net(x)
+        net.fast_inference = False
+        plain = net(x)
+    assert used == [1]
+    for a, b in zip(fast, plain):
+        assert a.shape == b.shape and a.is_contiguous() and b.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    net.fast_inference = True
+    net(x)  # gradients enabled: the plain path
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert net(x)[0].dtype == torch.bfloat16  # autocast: the plain path
+    assert used == [1]
+
+
+def test_forward_hooks_on_a_block_fire_and_see_the_plain_path(monkeypatch):
+    """Grad-CAM and feature probes hook stages.N: the fast path skips the submodules, so it steps aside."""
+    net = fused_random_net()
+    used = count_fast_path_calls(monkeypatch)
+    seen = []
+    handle = net.stages[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        outs = net(torch.randn(1, 3, 64, 64))
+    assert seen == [outs[2].shape] and used == []
+    handle.remove()
+    with torch.no_grad():
+        net(torch.randn(1, 3, 64, 64))
+    assert used == [1]
+
+
+def test_a_failing_probe_turns_the_fast_path_off_once_with_a_warning(monkeypatch):
+    """A torch build whose private oneDNN op takes other arguments: probed once, plain path from then on."""
+    net = fused_random_net()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = net(x)
+    onednn_inference.fast_path_works.cache_clear()
+
+    def changed_signature(*args):
+        raise RuntimeError('mkldnn::_convolution_pointwise() expected at most 9 argument(s) but received 10')
+
+    monkeypatch.setattr(torch.ops.mkldnn, '_convolution_pointwise', changed_signature)
+    try:
+        with pytest.warns(UserWarning, match='oneDNN fast path is off in this process: its ops failed'):
+            with torch.no_grad():
+                outs = net(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # no second warning: the probe ran once
+            with torch.no_grad():
+                net(x)
+    finally:
+        onednn_inference.fast_path_works.cache_clear()
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_error_during_fast_inference_is_not_swallowed(monkeypatch):
+    net = fused_random_net()
+    assert onednn_inference.fast_path_works()
+
+    def broken(x, size):
+        raise RuntimeError('out of memory in mkldnn_max_pool2d')
+
+    monkeypatch.setattr(onednn_inference, '_max_pool', broken)
+    with pytest.raises(RuntimeError, match='out of memory'), torch.no_grad():
+        net(torch.randn(1, 3, 64, 64))
+    assert net.fast_inference
+
+
+def test_the_docstring_example_runs_as_written():
+    from mmdet_vanillanet.models import vanillanet
+    result = doctest.testmod(vanillanet, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 4 and result.failed == 0

@@ -13,8 +13,9 @@ import argparse
 import json
 
 import mmdet_vanillanet  # noqa: F401  (registers the plugin)
-from mmdet_vanillanet.analysis.benchmark import (GROUPS, BenchmarkOptions, command_line, format_report,
-                                                 run_benchmark, targets)
+from mmdet_vanillanet.analysis.benchmark import run_benchmark
+from mmdet_vanillanet.analysis.options import GROUPS, BenchmarkOptions
+from mmdet_vanillanet.analysis.report import command_line, format_report, targets
 
 
 def parse_args(argv=None):
@@ -35,10 +36,11 @@ def parse_args(argv=None):
     parser.add_argument('--compile', action='store_true',
                         help='add a torch.compile (inductor, freezing) row for the fused backbone')
     parser.add_argument('--gemm-size', type=int, default=4096, help='side of the roofline GEMM (default: 4096)')
-    parser.add_argument('--arch', default='vanillanet_13',
-                        help='VanillaNet arch name or JSON dict (default: vanillanet_13); the configs\' '
-                             'out_indices stay, so a dict needs at least 11 blocks')
-    parser.add_argument('--act-num', type=int, default=4, help='VanillaNet act_num (default: 4)')
+    parser.add_argument('--arch', default=None,
+                        help='VanillaNet arch name or JSON dict (default: the recipe config\'s, vanillanet_13); '
+                             'the configs\' out_indices stay, so a dict needs at least 11 blocks')
+    parser.add_argument('--act-num', type=int, default=None,
+                        help='VanillaNet act_num (default: the recipe config\'s, 4)')
     parser.add_argument('--train-shape', type=int, nargs=2, default=[320, 480], metavar=('H', 'W'),
                         help='image size of the training-step rows (default: 320 480)')
     parser.add_argument('--train-batch', type=int, default=2, help='images per training step (default: 2)')

@@ -9,7 +9,7 @@ The output (``{'state_dict': ..., 'meta': ...}``, classifier dropped, optionally
 import argparse
 
 import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe checkpoint loader)
-from mmdet_vanillanet.checkpoint.weights import convert_backbone_checkpoint
+from mmdet_vanillanet.convert import convert_backbone_checkpoint
 
 
 def parse_args(argv=None):

@@ -41,7 +41,7 @@ def main(argv=None):
     print(f'wrote:   {result["path"]} ({args.what}, outputs {", ".join(result["outputs"])})')
     print(f'weights: {result["checkpoint"] or "random (no --checkpoint)"}')
     print(f'check:   ONNX Runtime vs PyTorch on a random {tuple(result["input_shape"])} input: '
-          f'{result["max_rel"]:.2e} relative, {result["max_abs"]:.2e} absolute ({result["num_outputs"]} outputs)')
+          f'{result["max_rel"]:.2e} relative, {result["max_abs"]:.2e} absolute ({result["num_tensors"]} outputs)')
 
 
 if __name__ == '__main__':

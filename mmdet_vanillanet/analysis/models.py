@@ -4,22 +4,18 @@ VanillaNet detectors come from this project's configs (training structure, or ``
 :func:`mmdet_vanillanet.deploy.deploy_config`); the baselines from mmdet's own configs. Every backbone's
 ``init_cfg`` is dropped (random initialisation: the benchmark measures cost, not accuracy).
 """
-import copy
+import functools
 import json
-import logging
 import os.path as osp
-from contextlib import contextmanager
 
 import torch
 from mmengine.config import Config
 from mmengine.hub import get_config
-from mmengine.logging import MMLogger
 
-from mmdet.registry import MODELS
-from mmdet.utils import register_all_modules
-
-from ..deploy import deploy_config, random_batch
-from ..models.vanillanet import VanillaNet
+from .. import detector_utils
+from ..deploy import deploy_config
+from ..detector_utils import quiet_mmengine, random_batch
+from ..models import VanillaNet
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -37,7 +33,7 @@ BASELINE_CONFIGS = {
     ('mask-rcnn', 'r50'): 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
     ('mask-rcnn', 'swin-t'): 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
 }
-# VanillaNet paper, Table 5 (SPEC section 5): GFLOPs and parameters (M) of the fused detectors.
+# VanillaNet paper (Chen et al., NeurIPS 2023), detection table: GFLOPs and parameters (M) of the fused detectors.
 PAPER = {
     ('retinanet', 'vanillanet'): dict(gflops=396.9, params_m=75.4),
     ('retinanet', 'swin-t'): dict(gflops=244.8, params_m=38.5),
@@ -53,17 +49,28 @@ def parse_arch(arch):
     return arch
 
 
-def backbone_kwargs(arch='vanillanet_13', act_num=4, out_indices=(1, 8, 10)):
-    """Keyword arguments of the VanillaNet the benchmark measures (RetinaNet's outputs by default)."""
-    return dict(arch=parse_arch(arch), act_num=act_num, out_indices=tuple(out_indices))
+@functools.lru_cache(maxsize=None)
+def recipe_backbone(detector='retinanet'):
+    """``arch``, ``act_num`` and ``out_indices`` of the VanillaNet in this project's recipe config of ``detector``."""
+    backbone = Config.fromfile(VANILLANET_CONFIGS[detector]).model.backbone
+    return dict(arch=backbone.arch, act_num=backbone.act_num, out_indices=tuple(backbone.out_indices))
 
 
-def build_backbone(deploy, arch='vanillanet_13', act_num=4, out_indices=(1, 8, 10), device='cpu', **kwargs):
+def backbone_kwargs(arch=None, act_num=None, out_indices=None):
+    """Keyword arguments of the VanillaNet the benchmark measures; None: the RetinaNet recipe's."""
+    recipe = recipe_backbone('retinanet')
+    return dict(arch=parse_arch(recipe['arch'] if arch is None else arch),
+                act_num=recipe['act_num'] if act_num is None else act_num,
+                out_indices=tuple(recipe['out_indices'] if out_indices is None else out_indices))
+
+
+def build_backbone(deploy, arch=None, act_num=None, out_indices=None, device='cpu', **kwargs):
     """A VanillaNet (paper's random init) in eval mode.
 
     Args:
         deploy (bool): the fused structure.
-        arch, act_num, out_indices: as :class:`~mmdet_vanillanet.models.VanillaNet`.
+        arch, act_num, out_indices: as :class:`~mmdet_vanillanet.models.VanillaNet`; None: the RetinaNet
+            recipe config's.
         device (str | torch.device): Default: 'cpu'.
         **kwargs: more VanillaNet arguments (``channels_last``, ``fast_inference``, ``with_cp`` ...).
     """
@@ -112,18 +119,6 @@ def detector_config(detector, backbone='vanillanet', deploy=False, arch=None, ac
     return cfg
 
 
-@contextmanager
-def quiet_mmengine():
-    """Silence mmengine's INFO and WARNING messages (``init_weights`` logs every parameter when no log file is open)."""
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def build_detector(cfg, device='cpu', init=True):
     """Build a config's detector in eval mode (random weights: no pretrained checkpoint is read).
 
@@ -132,11 +127,8 @@ def build_detector(cfg, device='cpu', init=True):
         device (str | torch.device): Default: 'cpu'.
         init (bool): run ``init_weights`` (the configs' random initialisation). Default: True.
     """
-    register_all_modules(init_default_scope=True)
     with quiet_mmengine():
-        model = MODELS.build(copy.deepcopy(cfg.model))
-        if init:
-            model.init_weights()
+        model = detector_utils.build_detector(cfg.model, init_weights=init)
     return model.to(device).eval()
 
 

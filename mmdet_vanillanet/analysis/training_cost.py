@@ -29,7 +29,8 @@ import torch
 from mmdet.testing import demo_mm_inputs
 
 from .latency import synchronize
-from .models import build_detector, detector_config, quiet_mmengine
+from ..detector_utils import quiet_mmengine
+from .models import build_detector, detector_config
 
 
 
@@ -73,34 +74,35 @@ def training_cost(detector='retinanet', with_cp=False, shape=(320, 480), batch=2
     """
     from mmengine.optim import build_optim_wrapper
 
-    torch.manual_seed(seed)
-    cfg = detector_config(detector, 'vanillanet', arch=arch, act_num=act_num, with_cp=with_cp)
-    model = build_detector(cfg, device=device).train()
-    with quiet_mmengine():
-        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    data = demo_mm_inputs(batch, image_shapes=[(3, *shape)] * batch, num_items=[5] * batch, num_classes=80,
-                          with_mask=detector == 'mask-rcnn', device=device)
-    is_cuda = torch.device(device).type == 'cuda'
-    if is_cuda:
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        memory = 'CUDA max_memory_allocated growth'
-    else:
-        reset = _reset_peak_rss()
-        base = _status_kib('VmRSS') * 1024
-        memory = 'peak RSS growth' if reset else 'peak RSS growth (peak not resettable: an upper bound)'
-    times = []
-    for step in range(warmup_steps + steps):
-        synchronize(device)
-        start = time.perf_counter()
-        model.train_step(data, optim_wrapper)
-        synchronize(device)
-        if step >= warmup_steps:
-            times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated(device) if is_cuda else _status_kib('VmHWM') * 1024) - base
-    return dict(seconds=statistics.median(times), times=times, peak_bytes=peak, memory=memory,
-                with_cp=with_cp, shape=list(shape), batch=batch, detector=detector)
+    with torch.random.fork_rng(devices=[]):  # seeded here; the caller's random state is restored after
+        torch.manual_seed(seed)
+        cfg = detector_config(detector, 'vanillanet', arch=arch, act_num=act_num, with_cp=with_cp)
+        model = build_detector(cfg, device=device).train()
+        with quiet_mmengine():
+            optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        data = demo_mm_inputs(batch, image_shapes=[(3, *shape)] * batch, num_items=[5] * batch, num_classes=80,
+                              with_mask=detector == 'mask-rcnn', device=device)
+        is_cuda = torch.device(device).type == 'cuda'
+        if is_cuda:
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            memory = 'CUDA max_memory_allocated growth'
+        else:
+            reset = _reset_peak_rss()
+            base = _status_kib('VmRSS') * 1024
+            memory = 'peak RSS growth' if reset else 'peak RSS growth (peak not resettable: an upper bound)'
+        times = []
+        for step in range(warmup_steps + steps):
+            synchronize(device)
+            start = time.perf_counter()
+            model.train_step(data, optim_wrapper)
+            synchronize(device)
+            if step >= warmup_steps:
+                times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated(device) if is_cuda else _status_kib('VmHWM') * 1024) - base
+        return dict(seconds=statistics.median(times), times=times, peak_bytes=peak, memory=memory,
+                    with_cp=with_cp, shape=list(shape), batch=batch, detector=detector)
 
 
 def training_cost_in_subprocess(timeout=None, **kwargs):

@@ -1,23 +1,14 @@
 """The deep-training schedule of VanillaNet's activations, as an mmengine hook."""
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-import torch.nn as nn
 from mmengine.hooks import EMAHook, Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
 
-from ..models.vanillanet import VanillaNet
+from ..detector_utils import find_vanillanets
 
 META_KEY = 'act_learn'
-
-
-def find_vanillanets(model: nn.Module) -> List[VanillaNet]:
-    """All VanillaNet modules inside ``model`` (a DDP / model wrapper is unwrapped)."""
-    if is_model_wrapper(model):
-        model = model.module
-    return [m for m in model.modules() if isinstance(m, VanillaNet)]
 
 
 @HOOKS.register_module()
@@ -115,7 +106,7 @@ class ActLearnHook(Hook):
         print_log(f'ActLearnHook: set act_learn={value:g} stored in the checkpoint.',
                   logger='current')
 
-    def _models(self, runner) -> List[VanillaNet]:
+    def _models(self, runner) -> list:
         """The VanillaNets of the training model and of any EMA copy of it."""
         models = find_vanillanets(runner.model)
         if not models:
@@ -128,6 +119,6 @@ class ActLearnHook(Hook):
         return models
 
     @staticmethod
-    def _set(models: Sequence[VanillaNet], value: float) -> None:
+    def _set(models: Sequence, value: float) -> None:
         for model in models:
             model.act_learn = value

@@ -5,7 +5,6 @@ activation. Parameter names follow the published checkpoints in both the trainin
 fused deploy structure, so official weights load without renaming.
 """
 import math
-import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -13,73 +12,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.logging import print_log
-from mmengine.model import BaseModule, constant_init, trunc_normal_init
+from mmengine.model import BaseModule, constant_init, initialize, trunc_normal_init
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import skip_init
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.checkpoint import checkpoint
 
 from mmdet.registry import MODELS
 
-
-def _vanillanet_13_dims(width):
-    return [width, width, 2 * width] + [4 * width] * 7 + [8 * width, 8 * width]
-
-
-_STRIDES_13 = [1, 2, 2, 1, 1, 1, 1, 1, 1, 2, 1]
-
-# name -> dims (C0 ... Cn) and per-block strides; ``ada_pool`` lists blocks whose pool is adaptive.
-ARCH_SETTINGS = {
-    'vanillanet_5': dict(dims=[512, 1024, 2048, 4096], strides=[2, 2, 2]),
-    'vanillanet_6': dict(dims=[512, 1024, 2048, 4096, 4096], strides=[2, 2, 2, 1]),
-    'vanillanet_7': dict(dims=[512, 512, 1024, 2048, 4096, 4096], strides=[1, 2, 2, 2, 1]),
-    'vanillanet_8': dict(dims=[512, 512, 1024, 2048, 2048, 4096, 4096], strides=[1, 2, 2, 1, 2, 1]),
-    'vanillanet_9': dict(
-        dims=[512, 512, 1024, 2048, 2048, 2048, 4096, 4096], strides=[1, 2, 2, 1, 1, 2, 1]),
-    'vanillanet_10': dict(
-        dims=[512, 512, 1024] + [2048] * 4 + [4096, 4096], strides=[1, 2, 2, 1, 1, 1, 2, 1]),
-    'vanillanet_11': dict(
-        dims=[512, 512, 1024] + [2048] * 5 + [4096, 4096], strides=[1, 2, 2, 1, 1, 1, 1, 2, 1]),
-    'vanillanet_12': dict(
-        dims=[512, 512, 1024] + [2048] * 6 + [4096, 4096], strides=[1, 2, 2, 1, 1, 1, 1, 1, 2, 1]),
-    'vanillanet_13': dict(dims=_vanillanet_13_dims(512), strides=_STRIDES_13),
-    'vanillanet_13_x1_5': dict(dims=_vanillanet_13_dims(768), strides=_STRIDES_13),
-    'vanillanet_13_x1_5_ada_pool': dict(
-        dims=_vanillanet_13_dims(768), strides=_STRIDES_13, ada_pool=[1, 2, 9]),
-}
-
-STEM_KERNEL = 4
-
-
-def resolve_arch(arch):
-    """Turn an arch name or dict into ``dict(dims, strides, ada_pool)``, validated.
-
-    Args:
-        arch (str | dict): a key of ``ARCH_SETTINGS`` or a dict with ``dims`` (list of C0 ... Cn),
-            ``strides`` (one per block, n entries) and optionally ``ada_pool`` (indices of stride-2
-            blocks whose max pool becomes an adaptive pool to ceil(h/2) x ceil(w/2); the stem then
-            uses stride 3 with padding 1, as the released ada-pool network).
-    """
-    if isinstance(arch, str):
-        if arch not in ARCH_SETTINGS:
-            raise KeyError(f'Unknown VanillaNet arch {arch!r}; valid names: '
-                           f'{", ".join(ARCH_SETTINGS)}, or a dict(dims=[...], strides=[...]).')
-        arch = ARCH_SETTINGS[arch]
-    if not isinstance(arch, dict) or not {'dims', 'strides'} <= set(arch):
-        raise TypeError(f'VanillaNet arch must be a name or a dict with "dims" and "strides", got {arch!r}.')
-    unknown = set(arch) - {'dims', 'strides', 'ada_pool'}
-    if unknown:
-        raise KeyError(f'Unknown keys {sorted(unknown)} in VanillaNet arch dict; allowed: dims, strides, ada_pool.')
-    dims, strides = list(arch['dims']), list(arch['strides'])
-    ada_pool = sorted(arch.get('ada_pool') or [])
-    if len(dims) != len(strides) + 1 or not strides:
-        raise ValueError(f'VanillaNet arch needs len(dims) == len(strides) + 1 >= 2 (one output width per '
-                         f'block plus the stem), got {len(dims)} dims and {len(strides)} strides.')
-    if any(int(d) != d or d < 1 for d in dims) or any(int(s) != s or s < 1 for s in strides):
-        raise ValueError(f'VanillaNet dims and strides must be positive integers, got {dims} and {strides}.')
-    bad = [i for i in ada_pool if not 0 <= i < len(strides) or strides[i] != 2]
-    if bad:
-        raise ValueError(f'ada_pool blocks {bad} must be indices of stride-2 blocks; strides are {strides}.')
-    return dict(dims=dims, strides=strides, ada_pool=ada_pool)
+from ..checkpoint.key_layout import CLASSIFIER_KEY, check_backbone_state_dict
+from ..checkpoint.pretrained import check_pretrained_init_cfg, load_pretrained_backbone, split_pretrained_init_cfg
+from . import onednn_inference
+from .arch import STEM_KERNEL, resolve_arch
 
 
 def _conv_bn(in_channels, out_channels, kernel_size, stride, padding, norm_cfg):
@@ -108,7 +52,9 @@ def _merge_with_1x1(first_weight, first_bias, second_weight, second_bias):
 
 
 def _new_conv(in_channels, out_channels, kernel_size, stride, padding, weight, bias):
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+    """A Conv2d holding ``weight`` and ``bias`` (no random init drawn: fusing leaves the random state alone)."""
+    conv = skip_init(nn.Conv2d, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                     device=weight.device)
     conv.weight = nn.Parameter(weight.detach().clone().contiguous())
     conv.bias = nn.Parameter(bias.detach().clone().contiguous())
     return conv
@@ -220,25 +166,6 @@ class VanillaBlock(nn.Module):
         self.deploy = True
 
 
-def _onednn_ops_available():
-    """Whether this torch build has the oneDNN (mkldnn) ops of the fused fast path."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch, 'mkldnn_max_pool2d')
-            and hasattr(torch.ops.mkldnn, '_convolution_pointwise'))
-
-
-def _onednn_conv(x, conv, relu=False):
-    """``conv`` (a Conv2d) on a oneDNN tensor, with its ReLU as a fused post-op when ``relu``."""
-    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
-                                                   list(conv.stride), list(conv.dilation), conv.groups,
-                                                   'relu' if relu else 'none', [None], None)
-
-
-def _onednn_depthwise(x, act):
-    """The deploy-form series activation's depthwise conv (its ReLU already applied) on a oneDNN tensor."""
-    return torch.ops.mkldnn._convolution_pointwise(x, act.weight, act.bias, [act.act_num, act.act_num], [1, 1],
-                                                   [1, 1], act.channels, 'none', [None], None)
-
-
 @contextmanager
 def _bn_statistics_restored(module):
     """Undo whatever the enclosed code does to the BN running statistics inside ``module``.
@@ -286,10 +213,23 @@ class VanillaNet(BaseModule):
             layout (nChw16c), where its direct depthwise kernel runs the series activation about twice as
             fast as on channels-last tensors, and with every ReLU fused into the conv before it. Same
             operations, same outputs up to float rounding. Everything else (training, gradients, CUDA,
-            other dtypes, tracing, ONNX export, ``torch.compile``, the ada-pool variant) takes the plain
-            path. Default: True.
+            other dtypes, tracing, ONNX export, ``torch.compile``, the ada-pool variant, forward hooks on
+            a submodule, a torch build whose oneDNN ops fail a one-time probe) takes the plain path.
+            Default: True.
         init_cfg (dict | list[dict] | None): mmengine init config; ``None`` means the paper's
             from-scratch init (truncated normal std 0.02, biases 0). Default: None.
+
+    Example:
+        >>> import torch
+        >>> from mmdet_vanillanet.models import VanillaNet
+        >>> net = VanillaNet(arch='vanillanet_5', act_num=3, out_indices=(0, 1, 2)).eval()
+        >>> net.out_channels, net.out_strides
+        ([1024, 2048, 4096], [8, 16, 32])
+        >>> for out in net(torch.rand(1, 3, 224, 224)):
+        ...     print(tuple(out.shape))
+        (1, 1024, 28, 28)
+        (1, 2048, 14, 14)
+        (1, 4096, 7, 7)
     """
 
     def __init__(self,
@@ -306,8 +246,6 @@ class VanillaNet(BaseModule):
                  fast_inference=True,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
-        # Imported here: mmdet_vanillanet.checkpoint imports this module.
-        from ..checkpoint.weights import split_pretrained_init_cfg
         split_pretrained_init_cfg(init_cfg)  # validates its keys; the file is read by init_weights only
         settings = resolve_arch(arch)
         self.arch_name = arch if isinstance(arch, str) else None
@@ -436,12 +374,7 @@ class VanillaNet(BaseModule):
             raise ValueError(f'Input {tuple(x.shape[-2:])} is too small for this VanillaNet: height and width '
                              f'must be at least {self.min_input_size} pixels.')
         if self._use_onednn(x):
-            try:
-                return self._forward_onednn(x)
-            except (RuntimeError, NotImplementedError) as error:  # a torch build without these kernels
-                warnings.warn(f'VanillaNet: the oneDNN fast path failed ({error}); using the plain path '
-                              'from now on (fast_inference=False).')
-                self.fast_inference = False
+            return onednn_inference.fused_forward(self, x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x)
@@ -457,26 +390,8 @@ class VanillaNet(BaseModule):
                 and x.device.type == 'cpu' and x.dtype == torch.float32 and x.layout == torch.strided
                 and not torch.is_autocast_enabled('cpu') and not torch.jit.is_scripting()
                 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-                and not torch.onnx.is_in_onnx_export() and _onednn_ops_available())
-
-    def _forward_onednn(self, x):
-        """The fused forward on oneDNN tensors in its blocked layout (see ``fast_inference``).
-
-        The same operations as the plain path, with the ReLU of every series activation moved before the
-        max pool (max and ReLU commute exactly) so that it runs as a post-op of the conv before it.
-        """
-        x = x.contiguous().to_mkldnn()
-        x = _onednn_depthwise(_onednn_conv(x, self.stem[0], relu=True), self.stem[1])
-        outs = []
-        for i, block in enumerate(self.stages):
-            x = _onednn_conv(x, block.conv, relu=True)
-            if isinstance(block.pool, nn.MaxPool2d):
-                size = int(block.pool.kernel_size)
-                x = torch.mkldnn_max_pool2d(x, [size, size], [size, size])
-            x = _onednn_depthwise(x, block.act)
-            if i in self.out_indices:
-                outs.append(x.to_dense())
-        return tuple(outs)
+                and not torch.onnx.is_in_onnx_export() and not onednn_inference.has_forward_hooks(self)
+                and onednn_inference.fast_path_works())
 
     # ---- deploy ---------------------------------------------------------------------------------
 
@@ -515,7 +430,6 @@ class VanillaNet(BaseModule):
         # warning. A published checkpoint's classifier (cls1.*, cls2.*, cls.*) is no misfit: it is dropped
         # and logged, so that load_state_dict(checkpoint['model_ema'], strict=False) works as in the
         # reference code, and strict=True as well.
-        from ..checkpoint.weights import CLASSIFIER_KEY, check_backbone_state_dict
         classifier = [k for k in state_dict if k.startswith(prefix) and CLASSIFIER_KEY.match(k[len(prefix):])]
         for key in classifier:
             del state_dict[key]  # torch hands each module its own copy of the state dict
@@ -557,13 +471,9 @@ class VanillaNet(BaseModule):
 
         A ``dict(type='Pretrained', checkpoint=PATH)`` entry (optional ``prefix``, ``map_location``,
         ``key``, ``allow_partial``) loads through
-        :func:`mmdet_vanillanet.checkpoint.load_pretrained_backbone`: safe loader, published formats,
+        :func:`mmdet_vanillanet.checkpoint.pretrained.load_pretrained_backbone`: safe loader, published formats,
         a strict load that explains any misfit, instead of mmengine's non-strict ``PretrainedInit``.
         """
-        from mmengine.model import initialize
-
-        from ..checkpoint.weights import (check_pretrained_init_cfg, load_pretrained_backbone,
-                                          split_pretrained_init_cfg)
         pretrained, others = split_pretrained_init_cfg(self.init_cfg)
         check_pretrained_init_cfg(self.init_cfg)
         if pretrained is None:

@@ -1,0 +1,213 @@
+"""What the library does with whole detectors that hold VanillaNets: find, build, fuse, feed and compare them.
+
+One home for each of these, used by deploy, export, the hooks, the demo and the benchmark:
+
+- :func:`vanillanet_cfgs` / :func:`find_vanillanets`: every VanillaNet in a model config / a built model;
+- :func:`build_detector`: a config's detector without reading its backbone's pretrained weights;
+- :func:`fuse_vanillanets`: ``switch_to_deploy()`` on every VanillaNet of a detector;
+- :func:`padded_shape`, :func:`random_batch`: inputs the way the detector's data preprocessor pads them;
+- :func:`detector_outputs`, :func:`flatten_tensors`: what a detector computes, as a flat list of tensors;
+- :func:`relative_deviation`: the one definition of how far two sets of outputs are apart;
+- :func:`quiet_mmengine`: build and initialise without mmengine's per-parameter INFO lines.
+"""
+import copy
+import logging
+import math
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+from mmengine.logging import MMLogger
+from mmengine.model import is_model_wrapper
+from mmengine.registry import DefaultScope
+
+from mmdet.registry import MODELS
+from mmdet.structures import DetDataSample
+from mmdet.utils import register_all_modules
+
+from .models import VanillaNet
+
+
+def is_vanillanet_cfg(node):
+    """Whether ``node`` is the config dict of a VanillaNet (``type`` the class or its registered name)."""
+    if not isinstance(node, Mapping):
+        return False
+    kind = node.get('type')
+    return kind is VanillaNet or (isinstance(kind, str) and kind.split('.')[-1] == 'VanillaNet')
+
+
+def vanillanet_cfgs(node):
+    """Every VanillaNet config dict inside a (nested) model config, in place (changes reach the config).
+
+    Args:
+        node (dict | list): e.g. ``cfg.model``.
+    """
+    if isinstance(node, Mapping):
+        if is_vanillanet_cfg(node):
+            yield node
+        for value in node.values():
+            yield from vanillanet_cfgs(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from vanillanet_cfgs(value)
+
+
+def find_vanillanets(model):
+    """Every VanillaNet module inside ``model`` (a DDP / model wrapper is unwrapped), as a list.
+
+    Args:
+        model (nn.Module): a detector, a backbone or a wrapper.
+    """
+    if is_model_wrapper(model):
+        model = model.module
+    return [module for module in model.modules() if isinstance(module, VanillaNet)]
+
+
+@contextmanager
+def quiet_mmengine():
+    """Silence mmengine's INFO and WARNING messages inside the block (``init_weights`` logs every parameter
+    when no log file is open); the logger's level is restored afterwards."""
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_detector(model_cfg, init_weights=False):
+    """Build a detector without reading its VanillaNets' ``init_cfg`` weights, in eval mode.
+
+    Builds in mmdet's registry scope and then restores the caller's default scope.
+
+    Args:
+        model_cfg (dict): the ``model`` part of a config (left unchanged).
+        init_weights (bool): run ``init_weights()`` (the configs' random initialisation; every VanillaNet's
+            ``init_cfg`` is dropped first, so no file is read). Default: False (weights come later).
+    """
+    register_all_modules(init_default_scope=False)
+    model_cfg = copy.deepcopy(model_cfg)
+    for node in vanillanet_cfgs(model_cfg):
+        node.pop('init_cfg', None)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(model_cfg)
+        if init_weights:
+            model.init_weights()
+    return model.eval()
+
+
+def fuse_vanillanets(model):
+    """Fuse every VanillaNet inside ``model`` in place (``switch_to_deploy``). Returns their module names.
+
+    Args:
+        model (nn.Module): a detector (a DDP / model wrapper is unwrapped).
+    """
+    if is_model_wrapper(model):
+        model = model.module
+    names = [name for name, module in model.named_modules() if isinstance(module, VanillaNet)]
+    for name in names:
+        model.get_submodule(name).switch_to_deploy()
+    return names
+
+
+def padded_shape(model, shape):
+    """``(height, width)`` rounded up to the detector's ``pad_size_divisor``, as its data preprocessor pads.
+
+    Args:
+        model (nn.Module): the detector.
+        shape (tuple[int, int]): height and width.
+    """
+    divisor = getattr(model.data_preprocessor, 'pad_size_divisor', 1) or 1
+    return tuple(math.ceil(side / divisor) * divisor for side in shape)
+
+
+def random_batch(model, shape=(320, 320), num_images=2, seed=0):
+    """Fixed random (already normalised) images and matching data samples for ``mode='tensor'``.
+
+    Args:
+        model (nn.Module): the detector (its ``data_preprocessor`` gives the padding divisor).
+        shape (tuple[int, int]): image height and width, rounded up to the padding divisor.
+        num_images (int): batch size.
+        seed (int): seed of a local generator (the global random state is not touched).
+    """
+    height, width = padded_shape(model, shape)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num_images, 3, height, width, generator=generator)
+    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
+                batch_input_shape=(height, width), scale_factor=(1.0, 1.0))
+    return inputs, [DetDataSample(metainfo=meta) for _ in range(num_images)]
+
+
+def flatten_tensors(outputs):
+    """The tensors of nested tuples, lists and dicts, in order.
+
+    Args:
+        outputs: a tensor, or (nested) tuples / lists / dicts of tensors; anything else is skipped.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (list, tuple)):
+        return [t for item in outputs for t in flatten_tensors(item)]
+    return []
+
+
+@torch.no_grad()
+def detector_outputs(model, inputs, data_samples, proposals=None):
+    """What the detector computes, as a flat list of tensors; two-stage detectors at fixed proposals.
+
+    Single-stage detectors: the raw outputs of ``mode='tensor'`` (``_forward``). Two-stage detectors
+    (with a ``roi_head``): the neck's features, the RPN head's raw outputs and the RoI head's outputs for
+    ``proposals``. Comparing RoI outputs at proposals that each model chose itself would compare different
+    boxes wherever the RPN's top-k choice flips between nearly equal scores.
+
+    Args:
+        model (nn.Module): the detector, in eval mode.
+        inputs (Tensor): a batch of images.
+        data_samples (list[DetDataSample]): their metainfo.
+        proposals (list[InstanceData] | None): the proposals at which a two-stage detector's RoI head is
+            evaluated; None: the RPN's own (return them to compare another model at the same boxes).
+
+    Returns:
+        tuple[list[Tensor], list[InstanceData] | None]: the outputs, and the proposals used.
+    """
+    if not hasattr(model, 'roi_head'):
+        return [t.detach().clone() for t in flatten_tensors(model(inputs, data_samples, mode='tensor'))], None
+    features = model.extract_feat(inputs)
+    if proposals is None:
+        proposals = model.rpn_head.predict(features, data_samples, rescale=False)
+    outputs = [features, model.rpn_head(features), model.roi_head.forward(features, proposals, data_samples)]
+    return [t.detach().clone() for t in flatten_tensors(outputs)], proposals
+
+
+def relative_deviation(reference, outputs):
+    """How far ``outputs`` are from ``reference``: the worst, over the paired tensors, of max |a - b| / max |a|.
+
+    Each tensor is measured against its own largest magnitude, so a small output (box deltas beside
+    logits, a fine feature map beside a coarse one) counts as much as a large one; an all-zero reference
+    tensor is measured absolutely. This one definition is what ``tools/deploy.py`` (1e-3),
+    ``tools/export_onnx.py`` (1e-4), the benchmark and the layout tests report.
+
+    Args:
+        reference (Sequence[Tensor]): the reference outputs.
+        outputs (Sequence[Tensor]): the outputs to check, same number and shapes.
+
+    Returns:
+        dict: ``max_rel`` (the deviation), ``max_abs`` (the largest absolute difference), ``num_tensors``.
+    """
+    reference, outputs = list(reference), list(outputs)
+    shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in outputs]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f'Cannot compare outputs of different shapes: {shapes[1]} against {shapes[0]}.')
+    max_rel = max_abs = 0.0
+    for ref, out in zip(reference, outputs):
+        if not ref.numel():
+            continue
+        ref = ref.detach().float().cpu()
+        diff = float((ref - out.detach().float().cpu()).abs().max())
+        scale = float(ref.abs().max())
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale else diff)
+    return dict(max_rel=max_rel, max_abs=max_abs, num_tensors=len(reference))
