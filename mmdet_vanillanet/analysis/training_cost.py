@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import torch
+from mmengine.registry import DefaultScope
 
 from mmdet.testing import demo_mm_inputs
 
@@ -78,7 +79,7 @@ def training_cost(detector='retinanet', with_cp=False, shape=(320, 480), batch=2
         torch.manual_seed(seed)
         cfg = detector_config(detector, 'vanillanet', arch=arch, act_num=act_num, with_cp=with_cp)
         model = build_detector(cfg, device=device).train()
-        with quiet_mmengine():
+        with quiet_mmengine(), DefaultScope.overwrite_default_scope('mmdet'):  # the config's constructor
             optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
         data = demo_mm_inputs(batch, image_shapes=[(3, *shape)] * batch, num_items=[5] * batch, num_classes=80,
                               with_mask=detector == 'mask-rcnn', device=device)
