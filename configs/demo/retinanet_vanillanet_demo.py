@@ -2,7 +2,7 @@
 # (configs/demo/_base_/synthetic_shapes.py); sized for a CPU: `make demo` trains and evaluates it in minutes.
 _base_ = ['mmdet::_base_/models/retinanet_r50_fpn.py', './_base_/synthetic_shapes.py']
 
-max_epochs = 24
+max_epochs = 20
 
 model = dict(
     data_preprocessor=dict(pad_size_divisor=32),

@@ -7,7 +7,7 @@ hit that wall. :func:`install_safe_loading` allow-lists exactly those types and 
 mmengine's ``CheckpointLoader``: local files go through :func:`load_checkpoint_file`; ``http(s)://`` URLs
 (and the ``open-mmlab://``, ``mmcls://``, ``torchvision://`` model-zoo names, which resolve to URLs) are
 downloaded into torch's hub cache and then loaded by the same function, where mmengine would unpickle
-them with ``weights_only=False``; object storage (``s3://``, ``petrel://``) is read into memory and
+them with no weights-only restriction; object storage (``s3://``, ``petrel://``) is read into memory and
 loaded weights-only as well. Failures become errors that name the file and the fix.
 """
 import argparse

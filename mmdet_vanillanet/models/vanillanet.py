@@ -432,7 +432,7 @@ class VanillaNet(BaseModule):
         # reference code, and strict=True as well.
         classifier = [k for k in state_dict if k.startswith(prefix) and CLASSIFIER_KEY.match(k[len(prefix):])]
         for key in classifier:
-            del state_dict[key]  # torch hands each module its own copy of the state dict
+            del state_dict[key]  # load_state_dict works on a copy: the caller's dict keeps them
         if classifier:
             print_log(f'VanillaNet: dropped the classifier of the loaded state dict ({len(classifier)} tensors: '
                       f'{", ".join(classifier[:3])}{", ..." if len(classifier) > 3 else ""}); the backbone has '
