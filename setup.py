@@ -25,5 +25,9 @@ setup(
         'cam': ['torchcam==0.5.0'],
         # ONNX export and its check (tools/export_onnx.py, the benchmark's ONNX rows)
         'onnx': ['onnx>=1.16', 'onnxruntime>=1.18'],
+        # int8 backbones (tools/quantize.py, --int8): PT2E static quantization with torchao's X86InductorQuantizer
+        'int8': ['torchao>=0.18'],
+        # the benchmark's OpenVINO rows (the CPU runtime the exported backbone and RetinaNet deploy to)
+        'openvino': ['openvino>=2026.4'],
     },
 )

@@ -238,3 +238,20 @@ def build_runner(cfg):
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def add_precision_args(parser):
+    """Add ``--bf16`` and ``--int8 FILE``: how the test / demo / inference tools run the detector on a CPU.
+
+    Args:
+        parser (argparse.ArgumentParser): the tool's parser.
+    """
+    parser.add_argument('--bf16', action='store_true',
+                        help='bf16 inference on the CPU (autocast; box decoding, NMS, RoIAlign and mask pasting in '
+                             'fp32); same as --cfg-options test_cfg.fp16=True. Runs fp32, with a warning, on a CPU '
+                             'without native bf16 (avx512_bf16 / AMX)')
+    parser.add_argument('--int8', metavar='CALIBRATION',
+                        help='int8 backbone, rebuilt from this calibration file of tools/quantize.py (with --bf16: '
+                             'int8-mixed-bf16). Runs fp32, with a warning, on a CPU without VNNI / AMX-INT8')
+    return parser
+

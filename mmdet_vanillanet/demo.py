@@ -12,7 +12,6 @@ import mmcv
 import numpy as np
 import torch
 from mmengine.config import Config
-from mmengine.dataset import pseudo_collate
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
@@ -20,6 +19,7 @@ from mmdet.registry import VISUALIZERS
 
 from .datasets import generate_synthetic_coco
 from .deploy import deploy_detector
+from .precision.compare import PRECISIONS, batch1_dataloader, compare_precisions, seconds_per_image
 
 BBOX_MAP_KEY = 'coco/bbox_mAP'
 SEGM_MAP_KEY = 'coco/segm_mAP'
@@ -40,34 +40,6 @@ def _test_metrics(cfg, checkpoint):
 
 
 @torch.no_grad()
-def seconds_per_image(model, dataloader, num_images, warmup=2):
-    """Median wall time of ``model.test_step`` over the first images of a batch-1 dataloader.
-
-    Args:
-        model (torch.nn.Module): detector in eval mode.
-        dataloader (torch.utils.data.DataLoader): yields batches of one image.
-        num_images (int): images timed (after ``warmup`` untimed ones).
-        warmup (int): images run first and not timed.
-    """
-    model.eval()
-    times = []
-    for i, batch in enumerate(dataloader):
-        if i >= warmup + num_images:
-            break
-        start = time.perf_counter()
-        model.test_step(batch)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _batch1_dataloader(runner):
-    loader = runner.test_dataloader
-    return torch.utils.data.DataLoader(loader.dataset, batch_size=1, shuffle=False, num_workers=0,
-                                       collate_fn=pseudo_collate)
-
-
-@torch.no_grad()
 def draw_predictions(runner, out_file, num_images=4, score_thr=0.3):
     """Draw ground truth (left) and predictions (right) of the first val images into one PNG.
 
@@ -81,7 +53,7 @@ def draw_predictions(runner, out_file, num_images=4, score_thr=0.3):
     visualizer.dataset_meta = runner.test_dataloader.dataset.metainfo
     model = runner.model.eval()
     panels = []
-    for i, batch in enumerate(_batch1_dataloader(runner)):
+    for i, batch in enumerate(batch1_dataloader(runner)):
         if i >= num_images:
             break
         sample = model.test_step(batch)[0]
@@ -95,7 +67,7 @@ def draw_predictions(runner, out_file, num_images=4, score_thr=0.3):
 
 
 def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, seed=0, cfg_options=None,
-             timed_images=20):
+             timed_images=20, precisions=PRECISIONS, calibration_images=32):
     """Train, evaluate, fuse and re-evaluate the demo detector; return a summary dict.
 
     Args:
@@ -107,6 +79,9 @@ def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, 
         seed (int): dataset seed.
         cfg_options (dict | None): config overrides, as ``--cfg-options``.
         timed_images (int): images timed for the per-image inference figures.
+        precisions (Sequence[str]): precisions the fused checkpoint is evaluated in (fp32 always; bf16 and
+            int8 where the CPU runs them natively), see :func:`~mmdet_vanillanet.precision.compare.compare_precisions`.
+        calibration_images (int): training images the int8 backbone is calibrated on.
     """
     cfg = Config.fromfile(config)
     if cfg_options:
@@ -125,23 +100,25 @@ def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, 
     checkpoint = osp.join(cfg.work_dir, f'epoch_{runner.max_epochs}.pth')
 
     runner, metrics = _test_metrics(cfg, checkpoint)
-    dataloader = _batch1_dataloader(runner)
+    dataloader = batch1_dataloader(runner)
     seconds = seconds_per_image(runner.model, dataloader, timed_images)
     picture = draw_predictions(runner, osp.join(cfg.work_dir, 'predictions.png'))
 
     fused = deploy_detector(config if not cfg_options else _dump(cfg), checkpoint,
                             osp.join(cfg.work_dir, 'deploy'))
-    fused_cfg = Config.fromfile(fused['config'])
-    fused_cfg.work_dir = osp.join(cfg.work_dir, 'deploy')
-    fused_runner, fused_metrics = _test_metrics(fused_cfg, fused['checkpoint'])
-    fused_seconds = seconds_per_image(fused_runner.model, dataloader, timed_images)
+    by_precision = compare_precisions(fused['config'], fused['checkpoint'], osp.join(cfg.work_dir, 'deploy'),
+                                      precisions, calibration_images, timed_images)
+    fused_metrics, fused_seconds = by_precision['fp32']['metrics'], by_precision['fp32']['seconds_per_image']
 
     summary = dict(
         bbox_mAP=metrics[BBOX_MAP_KEY], fused_bbox_mAP=fused_metrics[BBOX_MAP_KEY],
         segm_mAP=metrics.get(SEGM_MAP_KEY), fused_segm_mAP=fused_metrics.get(SEGM_MAP_KEY),
         train_seconds=train_seconds, seconds_per_image=seconds, fused_seconds_per_image=fused_seconds,
         max_deviation=fused['max_rel'], picture=picture, checkpoint=checkpoint,
-        fused_checkpoint=fused['checkpoint'], fused_config=fused['config'])
+        fused_checkpoint=fused['checkpoint'], fused_config=fused['config'],
+        precisions={name: dict(bbox_mAP=result['metrics'][BBOX_MAP_KEY], segm_mAP=result['metrics'].get(SEGM_MAP_KEY),
+                               max_rel=result['max_rel'], seconds_per_image=result['seconds_per_image'])
+                    for name, result in by_precision.items()})
     print_log(format_summary(summary), logger='current')
     return summary
 
@@ -172,8 +149,19 @@ def format_summary(summary):
         f"inference time per image: {summary['seconds_per_image'] * 1000:.0f} ms trained structure, "
         f"{summary['fused_seconds_per_image'] * 1000:.0f} ms fused",
         f"largest output deviation after fusing (relative): {summary['max_deviation']:.1e}",
+        *_precision_lines(summary.get('precisions') or {}),
         f"predictions (left: ground truth, right: predicted): {summary['picture']}",
         f"checkpoints: {summary['checkpoint']}",
         f"             {summary['fused_checkpoint']} (config {summary['fused_config']})",
         '==============================================',
     ])
+
+
+def _precision_lines(precisions):
+    lines = []
+    for name, result in precisions.items():
+        segm = f", segm_mAP: {result['segm_mAP']:.3f}" if result.get('segm_mAP') is not None else ''
+        deviation = 'the reference' if name == 'fp32' else f"{result['max_rel']:.1e} from fp32"
+        lines.append(f"fused, {name}: bbox_mAP: {result['bbox_mAP']:.3f}{segm}, "
+                     f"{result['seconds_per_image'] * 1000:.0f} ms per image, outputs {deviation}")
+    return lines

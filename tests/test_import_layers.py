@@ -6,12 +6,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'mmdet_vanillanet'
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS = [
-    ['models.arch'],
+    ['models.arch', 'cpu_support'],
     ['checkpoint'],
     ['models'],
     ['detector_utils'],
     ['engine', 'datasets'],
     ['convert', 'deploy', 'export', 'visualization'],
+    ['precision'],
     ['cli', 'demo'],
     ['analysis'],
 ]

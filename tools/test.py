@@ -4,7 +4,8 @@ import argparse
 import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe checkpoint loader)
 from mmdet.engine.hooks.utils import trigger_visualization_hook
 from mmdet.evaluation import DumpDetResults
-from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config, set_test_checkpoint
+from mmdet_vanillanet.cli import add_precision_args, add_runner_args, build_runner, load_config, set_test_checkpoint
+from mmdet_vanillanet.precision import configure_test_precision
 
 
 def parse_args(argv=None):
@@ -15,13 +16,14 @@ def parse_args(argv=None):
     parser.add_argument('--show', action='store_true', help='show predictions in a window')
     parser.add_argument('--show-dir', help='save drawn predictions under work_dir/<timestamp>/SHOW_DIR')
     parser.add_argument('--wait-time', type=float, default=2, help='seconds each shown image stays')
-    return add_runner_args(parser).parse_args(argv)
+    return add_precision_args(add_runner_args(parser)).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args, splits=('test',))
     set_test_checkpoint(cfg, args.checkpoint)
+    configure_test_precision(cfg, bf16=args.bf16, int8=args.int8)
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
     runner = build_runner(cfg)

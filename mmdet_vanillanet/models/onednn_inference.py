@@ -1,10 +1,11 @@
-"""The fused VanillaNet's CPU inference fast path on oneDNN tensors, and the probe that decides whether to use it.
+"""The fused VanillaNet's CPU inference fast path through oneDNN's convolutions (fp32 on its blocked layout, bf16
+on channels-last tensors), and the probe that decides whether this torch build can run it.
 
 The fast path calls ``torch.ops.mkldnn._convolution_pointwise``, a private op of PyTorch's oneDNN
 integration (the one ``torch.compile``'s CPU backend lowers convolutions to). A private op can change or
-disappear between torch builds, so :func:`fast_path_works` runs it once per process on a small fused block
-against the plain PyTorch ops: a changed signature or a wrong result turns the fast path off for the
-process, with one warning. Errors at inference time are never swallowed.
+disappear between torch builds, so :func:`fast_path_works` runs it once per process and dtype on a small
+fused block against the plain PyTorch ops: a changed signature or a wrong result turns the fast path off for
+the process, with one warning. Errors at inference time are never swallowed.
 """
 import functools
 import warnings
@@ -13,44 +14,116 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _conv(x, conv, relu=False):
-    """``conv`` (a Conv2d) on a oneDNN tensor, with its ReLU as a fused post-op when ``relu``."""
-    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
-                                                   list(conv.stride), list(conv.dilation), conv.groups,
-                                                   'relu' if relu else 'none', [None], None)
+# largest relative deviation of the probe block from the plain fp32 ops: float rounding, bf16 rounding
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
-def _depthwise(x, act):
+def _conv(x, weight, bias, conv, relu=False):
+    """``conv``'s geometry (a Conv2d) with ``weight`` / ``bias`` on a oneDNN tensor; ReLU as a post-op."""
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
+                                                   list(conv.dilation), conv.groups, 'relu' if relu else 'none',
+                                                   [None], None)
+
+
+def _depthwise(x, weight, bias, act):
     """The deploy-form series activation's depthwise conv (its ReLU already applied) on a oneDNN tensor."""
-    return torch.ops.mkldnn._convolution_pointwise(x, act.weight, act.bias, [act.act_num, act.act_num], [1, 1],
-                                                   [1, 1], act.channels, 'none', [None], None)
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [act.act_num, act.act_num], [1, 1], [1, 1],
+                                                   act.channels, 'none', [None], None)
 
 
-def _max_pool(x, size):
-    return torch.mkldnn_max_pool2d(x, [size, size], [size, size])
+def _parameters(net):
+    """The fused weights and biases in call order: stem conv, stem activation, then conv and act of each block."""
+    modules = [net.stem[0], net.stem[1]]
+    for block in net.stages:
+        modules += [block.conv, block.act]
+    return [tensor for module in modules for tensor in (module.weight, module.bias)]
 
 
-def fused_forward(net, x):
-    """The fused VanillaNet ``net`` on ``x`` through oneDNN's blocked layout (nChw16c); outputs NCHW-contiguous.
+def weights_in(net, dtype):
+    """``net``'s fused parameters in ``dtype``, converted once and kept until a parameter changes.
+
+    fp32 returns the parameters themselves. Other dtypes are cached on ``net`` (outside its state dict),
+    keyed by each parameter's storage and version counter, so an in-place update (``load_state_dict``,
+    an optimizer step) or a replaced parameter converts them again.
+
+    Args:
+        net (VanillaNet): a deploy-structure VanillaNet.
+        dtype (torch.dtype): the compute dtype.
+    """
+    params = _parameters(net)
+    if dtype == torch.float32:
+        return params
+    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+    cache = net.__dict__.get('_onednn_weights')
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            cache = (key, [p.detach().to(dtype).contiguous() for p in params])
+        net.__dict__['_onednn_weights'] = cache
+    return cache[1]
+
+
+class _Blocked:
+    """oneDNN's own blocked layout (nChw16c): fp32's fastest, where the direct depthwise kernel runs."""
+
+    @staticmethod
+    def enter(x):
+        return x.contiguous().to_mkldnn()
+
+    @staticmethod
+    def leave(x):
+        return x.to_dense()
+
+    @staticmethod
+    def max_pool(x, size):
+        return torch.mkldnn_max_pool2d(x, [size, size], [size, size])
+
+
+class _ChannelsLast:
+    """Dense channels-last (NHWC) tensors: bf16's fastest, where AMX runs the 1x1 convs and oneDNN's brgemm
+    kernel the depthwise ones, with no reorder in between (on the blocked layout bf16 reorders around every
+    conv and its depthwise kernel is 2.4x slower)."""
+
+    @staticmethod
+    def enter(x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def leave(x):
+        return x.contiguous()
+
+    @staticmethod
+    def max_pool(x, size):
+        return F.max_pool2d(x, size)
+
+
+LAYOUTS = {torch.float32: _Blocked, torch.bfloat16: _ChannelsLast}
+
+
+def fused_forward(net, x, dtype=torch.float32):
+    """The fused VanillaNet ``net`` on ``x`` through oneDNN's convolutions; outputs NCHW-contiguous.
 
     The same operations as the plain path, with the ReLU of every series activation moved before the max
-    pool (max and ReLU commute exactly) so that it runs as a post-op of the conv before it.
+    pool (max and ReLU commute exactly) so that it runs as a post-op of the conv before it, and each dtype
+    in its fastest layout (:data:`LAYOUTS`).
 
     Args:
         net (VanillaNet): a deploy-structure VanillaNet without ada-pool blocks.
-        x (Tensor): fp32 CPU images (N, C, H, W).
+        x (Tensor): CPU images (N, C, H, W), fp32 or ``dtype``.
+        dtype (torch.dtype): compute dtype, ``torch.float32`` or ``torch.bfloat16``; the outputs have it.
     """
-    x = x.contiguous().to_mkldnn()
-    x = _depthwise(_conv(x, net.stem[0], relu=True), net.stem[1])
+    layout = LAYOUTS[dtype]
+    weights = iter(weights_in(net, dtype))
+    x = layout.enter(x.to(dtype))
+    x = _conv(x, next(weights), next(weights), net.stem[0], relu=True)
+    x = _depthwise(x, next(weights), next(weights), net.stem[1])
     outs = []
     for i, block in enumerate(net.stages):
-        x = _conv(x, block.conv, relu=True)
+        x = _conv(x, next(weights), next(weights), block.conv, relu=True)
         if isinstance(block.pool, nn.MaxPool2d):
-            x = _max_pool(x, int(block.pool.kernel_size))
-        x = _depthwise(x, block.act)
+            x = layout.max_pool(x, int(block.pool.kernel_size))
+        x = _depthwise(x, next(weights), next(weights), block.act)
         if i in net.out_indices:
-            outs.append(x.to_dense())
+            outs.append(layout.leave(x))
     return tuple(outs)
 
 
@@ -66,12 +139,16 @@ class _ProbeActivation(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def fast_path_works():
-    """Whether this torch build runs the fast path's ops and gets the plain ops' results; probed once.
+def fast_path_works(dtype):
+    """Whether this torch build runs the fast path's ops in ``dtype`` and gets the plain ops' results; probed
+    once per dtype.
 
     Returns False, with one warning, when the ops are missing, take other arguments or compute something
     else (a fused block, 1x1 conv + ReLU + 2x2 max pool + depthwise conv, on a 3x16x16x20 input, within
-    1e-4 relative).
+    :data:`PROBE_TOLERANCE` of the plain fp32 ops).
+
+    Args:
+        dtype (torch.dtype): ``torch.float32`` or ``torch.bfloat16``.
     """
     if not (torch.backends.mkldnn.is_available() and hasattr(torch, 'mkldnn_max_pool2d')
             and hasattr(torch.ops.mkldnn, '_convolution_pointwise')):
@@ -83,17 +160,20 @@ def fast_path_works():
         conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
     act = _ProbeActivation(24, 2, generator)
     x = torch.randn(3, 16, 16, 20, generator=generator)
+    conv_w, conv_b, act_w, act_b = (t.detach().to(dtype) for t in (conv.weight, conv.bias, act.weight, act.bias))
     try:
         with torch.no_grad():
-            fast = _depthwise(_max_pool(_conv(x.to_mkldnn(), conv, relu=True), 2), act).to_dense()
+            layout = LAYOUTS[dtype]
+            fast = _conv(layout.enter(x.to(dtype)), conv_w, conv_b, conv, relu=True)
+            fast = layout.leave(_depthwise(layout.max_pool(fast, 2), act_w, act_b, act)).float()
             plain = F.conv2d(F.relu(F.max_pool2d(conv(x), 2)), act.weight, act.bias, padding=2, groups=24)
     except (RuntimeError, TypeError, NotImplementedError) as error:
-        warnings.warn(f'VanillaNet: the oneDNN fast path is off in this process: its ops failed ({error}).')
+        warnings.warn(f'VanillaNet: the oneDNN fast path is off in this process: its ops failed in {dtype} ({error}).')
         return False
     deviation = float((fast - plain).abs().max() / plain.abs().max())
-    if fast.shape != plain.shape or not deviation < 1e-4:
-        warnings.warn(f'VanillaNet: the oneDNN fast path is off in this process: its ops compute something else '
-                      f'than the plain ones (relative deviation {deviation:.2g}).')
+    if fast.shape != plain.shape or not deviation < PROBE_TOLERANCE[dtype]:
+        warnings.warn(f'VanillaNet: the oneDNN fast path is off in this process: its ops compute something '
+                      f'else in {dtype} than the plain ones (relative deviation {deviation:.2g}).')
         return False
     return True
 

@@ -23,6 +23,7 @@ from mmdet.registry import MODELS
 from ..checkpoint.key_layout import CLASSIFIER_KEY, check_backbone_state_dict
 from ..checkpoint.pretrained import check_pretrained_init_cfg, load_pretrained_backbone, split_pretrained_init_cfg
 from . import onednn_inference
+from .execution import Execution, choose_execution
 from .arch import STEM_KERNEL, resolve_arch
 
 
@@ -208,14 +209,15 @@ class VanillaNet(BaseModule):
             the outputs are always ordinary NCHW-contiguous tensors, because mmcv's RoIAlign and
             deformable convs read their input's memory as NCHW (channels-last maps give wrong RoI
             features silently, or "input must be contiguous"). Default: True.
-        fast_inference (bool): fused structure only: on CPU, in fp32, without autograd (``torch.no_grad``
-            / ``torch.inference_mode``, no autocast), run the network on oneDNN tensors in its blocked
-            layout (nChw16c), where its direct depthwise kernel runs the series activation about twice as
-            fast as on channels-last tensors, and with every ReLU fused into the conv before it. Same
-            operations, same outputs up to float rounding. Everything else (training, gradients, CUDA,
-            other dtypes, tracing, ONNX export, ``torch.compile``, the ada-pool variant, forward hooks on
-            a submodule, a torch build whose oneDNN ops fail a one-time probe) takes the plain path.
-            Default: True.
+        fast_inference (bool): fused structure only: on CPU, without autograd (``torch.no_grad`` /
+            ``torch.inference_mode``), run the network on oneDNN tensors in its blocked layout (nChw16c), where
+            its direct depthwise kernel runs the series activation about twice as fast as on channels-last
+            tensors, and with every ReLU fused into the conv before it. In fp32, and in bf16 under
+            ``torch.autocast('cpu', dtype=torch.bfloat16)`` on a CPU with native bf16 (the fused weights are
+            converted to bf16 once). Same operations, same outputs up to float rounding. Everything else
+            (training, gradients, CUDA, tracing, ONNX export, ``torch.compile``, the ada-pool variant, forward
+            hooks on a submodule, a torch build whose oneDNN ops fail a one-time probe) takes the plain path;
+            :func:`mmdet_vanillanet.models.execution.choose_execution` is that decision. Default: True.
         init_cfg (dict | list[dict] | None): mmengine init config; ``None`` means the paper's
             from-scratch init (truncated normal std 0.02, biases 0). Default: None.
 
@@ -373,8 +375,11 @@ class VanillaNet(BaseModule):
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f'Input {tuple(x.shape[-2:])} is too small for this VanillaNet: height and width '
                              f'must be at least {self.min_input_size} pixels.')
-        if self._use_onednn(x):
-            return onednn_inference.fused_forward(self, x)
+        execution = choose_execution(self, x)
+        if execution is Execution.ONEDNN_FP32:
+            return onednn_inference.fused_forward(self, x, torch.float32)
+        if execution is Execution.ONEDNN_BF16:
+            return onednn_inference.fused_forward(self, x, torch.bfloat16)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x)
@@ -384,14 +389,6 @@ class VanillaNet(BaseModule):
             if i in self.out_indices:
                 outs.append(x.contiguous())
         return tuple(outs)
-
-    def _use_onednn(self, x):
-        return (self.fast_inference and self.deploy and not self.ada_pool and not torch.is_grad_enabled()
-                and x.device.type == 'cpu' and x.dtype == torch.float32 and x.layout == torch.strided
-                and not torch.is_autocast_enabled('cpu') and not torch.jit.is_scripting()
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-                and not torch.onnx.is_in_onnx_export() and not onednn_inference.has_forward_hooks(self)
-                and onednn_inference.fast_path_works())
 
     # ---- deploy ---------------------------------------------------------------------------------
 

@@ -1,0 +1,224 @@
+"""int8 inference of the fused VanillaNet inside any detector: post-training static quantization (PT2E).
+
+The route, chosen by measurement (docs/precision.md): ``torch.export`` of the fused backbone with dynamic
+height and width, torchao's ``X86InductorQuantizer`` (per-channel int8 weights, int8 activations calibrated
+by histogram observers; the 1x1 convs, the max pools and the series activations' depthwise convs all run in
+int8), then ``torch.compile`` with inductor freezing, which lowers the quantized convs to oneDNN's int8
+kernels (VNNI / AMX-INT8). Under ``torch.autocast('cpu', torch.bfloat16)`` the same model runs
+int8-mixed-bf16. mmcv's ops cannot be exported, so only the backbone is quantized: the neck, heads and
+post-processing stay as they are, and box decoding, NMS and RoIAlign see what they always see.
+
+What reproduces a quantized backbone is small and safe to share: the fused checkpoint plus a calibration file
+(:func:`save_calibration`), holding every observer's statistics as plain tensors (read weights-only) and
+where they came from. :func:`quantize_vanillanet` with ``calibration=`` rebuilds the identical int8 model
+without the calibration images.
+"""
+import copy
+
+import torch
+import torch._inductor.config
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+
+from ..checkpoint.safe_load import read_checkpoint
+from ..models import VanillaNet
+
+CALIBRATION_FORMAT = 'mmdet_vanillanet/int8-calibration/v1'
+
+
+def _import_pt2e():
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as error:  # torchao is part of `make install`; a hand-made environment may lack it
+        raise ImportError('int8 quantization needs torchao (PT2E, X86InductorQuantizer): pip install torchao, or '
+                          f'`make install`. ({error})') from error
+    return prepare_pt2e, convert_pt2e, x86
+
+
+def check_quantizable(net):
+    """Raise a worded error unless ``net`` is a VanillaNet that int8 quantization supports.
+
+    Args:
+        net (nn.Module): the backbone.
+    """
+    if not isinstance(net, VanillaNet):
+        raise TypeError(f'int8 quantization takes a VanillaNet backbone, got {type(net).__name__}.')
+    if net.ada_pool:
+        raise ValueError('int8 quantization does not support the ada-pool variant (its adaptive pools have no '
+                         'static shape to export); use vanillanet_13_x1_5 or fp32 / bf16.')
+
+
+def _export(net, example):
+    """``torch.export`` of the fused ``net`` for any batch of images whose height and width are multiples of its
+    stride."""
+    stride = net.min_input_size
+    height = torch.export.Dim('height_blocks', min=1, max=4096 // stride)
+    width = torch.export.Dim('width_blocks', min=1, max=4096 // stride)
+    batch = torch.export.Dim('batch', min=1, max=1024)
+    spec = {'x': {0: batch, 2: stride * height, 3: stride * width}}
+    return torch.export.export(net, (example,), dynamic_shapes=spec, strict=False).module()
+
+
+def describe(net):
+    """What a calibration must have been made for: ``arch``, ``act_num`` and ``out_indices`` of ``net``."""
+    arch = net.arch_name or dict(dims=list(net.dims), strides=list(net.strides))
+    return dict(arch=arch, act_num=net.act_num, out_indices=list(net.out_indices))
+
+
+def _observers(prepared):
+    return {key: value for key, value in prepared.state_dict().items() if 'activation_post_process' in key}
+
+
+def quantize_vanillanet(net, calibration_inputs=None, calibration=None):
+    """An int8 copy of the fused VanillaNet ``net``, calibrated on images or rebuilt from a calibration.
+
+    Args:
+        net (VanillaNet): the backbone (the training structure is fused first, on a copy).
+        calibration_inputs (Iterable[Tensor] | None): preprocessed image batches (N, 3, H, W) as the detector's
+            data preprocessor makes them, H and W multiples of the backbone's total stride.
+        calibration (dict | None): observer statistics from :func:`load_calibration` / a previous
+            :class:`Int8VanillaNet`'s ``calibration``, instead of images.
+
+    Returns:
+        Int8VanillaNet
+    """
+    check_quantizable(net)
+    if (calibration_inputs is None) == (calibration is None):
+        raise ValueError('quantize_vanillanet needs either calibration_inputs (images) or calibration (a file).')
+    prepare_pt2e, convert_pt2e, x86 = _import_pt2e()
+    fused = _fused_copy(net)
+    example = torch.zeros(2, fused.in_channels, fused.min_input_size * 2, fused.min_input_size * 2)
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    with torch.no_grad():
+        prepared = prepare_pt2e(_export(fused, example), quantizer)
+        if calibration is None:
+            count = 0
+            for inputs in calibration_inputs:
+                prepared(_checked_input(fused, inputs))
+                count += inputs.shape[0]
+            if not count:
+                raise ValueError('int8 calibration got no images.')
+            observers = _observers(prepared)
+        else:
+            observers = calibration['observers']
+            described = {key: calibration[key] for key in ('arch', 'act_num', 'out_indices') if key in calibration}
+            actual = {key: value for key, value in describe(fused).items() if key in described}
+            expected = set(_observers(prepared))
+            if set(observers) != expected or described != actual:
+                raise ValueError(f'The int8 calibration does not fit this backbone: it was made for {described} with '
+                                 f'{len(observers)} observer tensors; this backbone is {describe(fused)} and needs '
+                                 f'{len(expected)}. Calibrate again with tools/quantize.py.')
+            prepared.load_state_dict(observers, strict=False)
+        quantized = convert_pt2e(prepared)
+    return Int8VanillaNet(quantized, fused, {key: value.clone() for key, value in observers.items()})
+
+
+def _fused_copy(net):
+    fused = copy.deepcopy(net).eval()
+    fused.switch_to_deploy()
+    return fused
+
+
+def _checked_input(net, x):
+    stride = net.min_input_size
+    if x.dim() != 4 or x.shape[-2] % stride or x.shape[-1] % stride:
+        raise ValueError(f'The int8 VanillaNet takes images whose height and width are multiples of {stride}, got '
+                         f'{tuple(x.shape)}; set the detector\'s data_preprocessor pad_size_divisor to {stride}.')
+    return x
+
+
+class Int8VanillaNet(nn.Module):
+    """A fused VanillaNet quantized to int8 (PT2E), compiled by inductor with freezing on its first call.
+
+    Stands in for the backbone of any detector: same outputs (fp32, or bf16 under CPU autocast), same
+    ``out_indices`` / ``out_channels`` / ``out_strides``; inference only.
+
+    Args:
+        quantized (torch.fx.GraphModule): the converted PT2E model.
+        source (VanillaNet): the fused backbone it was made from (its description is kept, not its weights).
+        observers (dict[str, Tensor]): the calibration statistics; ``calibration`` holds them with
+            :func:`describe` of the source (what :func:`save_calibration` writes).
+    """
+
+    def __init__(self, quantized, source, observers):
+        super().__init__()
+        self.quantized = quantized
+        self.calibration = dict(describe(source), observers=observers)
+        self.out_indices = source.out_indices
+        self.min_input_size = source.min_input_size
+        self.in_channels = source.in_channels
+        self.out_channels, self.out_strides = source.out_channels, source.out_strides
+        self._compiled = torch.compile(self.quantized)
+
+    def train(self, mode=True):
+        if mode:
+            raise RuntimeError('An int8 VanillaNet is for inference only; train the fp32 detector and quantize it '
+                               'again with tools/quantize.py.')
+        self.training = False  # the exported graph has no modes to switch (and refuses .eval())
+        return self
+
+    def init_weights(self):
+        """Nothing to initialise: the weights are quantized."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError('An int8 VanillaNet runs without gradients: call it under torch.no_grad().')
+        # freezing turns the int8 weights into constants, which lets inductor use oneDNN's int8 kernels
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            outs = self._compiled(_checked_input(self, x))
+        return tuple(out.contiguous() for out in outs)
+
+
+def replace_with_int8(detector, calibration):
+    """Swap every VanillaNet inside ``detector`` for its int8 copy, rebuilt from ``calibration``; in place.
+
+    Args:
+        detector (nn.Module): a detector with its trained weights loaded (a model wrapper is unwrapped).
+        calibration (dict): as :func:`load_calibration` returns.
+
+    Returns:
+        list[str]: the names of the replaced modules.
+    """
+    if is_model_wrapper(detector):
+        detector = detector.module
+    names = [name for name, module in detector.named_modules() if isinstance(module, VanillaNet)]
+    if not names:
+        raise ValueError('int8: the detector holds no VanillaNet to quantize.')
+    missing = [name for name in names if name not in calibration['backbones']]
+    if missing:
+        raise ValueError(f'The int8 calibration has no entry for {missing} (it has {sorted(calibration["backbones"])});'
+                         ' calibrate this detector with tools/quantize.py.')
+    for name in names:
+        int8 = quantize_vanillanet(detector.get_submodule(name), calibration=calibration['backbones'][name])
+        parent, _, attr = name.rpartition('.')
+        setattr(detector.get_submodule(parent) if parent else detector, attr, int8)
+    print_log(f'int8: {", ".join(names)} replaced by int8 copies (PT2E, {calibration["meta"].get("num_images")} '
+              'calibration images).', logger='current')
+    return names
+
+
+def save_calibration(path, backbones, meta):
+    """Write what reproduces the int8 backbones: observer statistics (tensors only) and where they came from.
+
+    Args:
+        path (str): the ``.pth`` file.
+        backbones (dict[str, Int8VanillaNet]): module name inside the detector -> int8 backbone.
+        meta (dict): plain data (str, int, float, lists): config, checkpoint, images, versions.
+    """
+    torch.save(dict(format=CALIBRATION_FORMAT, meta=meta,
+                    backbones={name: net.calibration for name, net in backbones.items()}), path)
+
+
+def load_calibration(path):
+    """Read a calibration file written by :func:`save_calibration` (weights-only: no code runs).
+
+    Args:
+        path (str): the ``.pth`` file.
+    """
+    data = read_checkpoint(path)
+    if not isinstance(data, dict) or data.get('format') != CALIBRATION_FORMAT:
+        raise ValueError(f'{path} is not an int8 calibration file of this project (format {CALIBRATION_FORMAT!r}); '
+                         'write one with tools/quantize.py CONFIG CHECKPOINT --out FILE.')
+    return data
