@@ -6,10 +6,12 @@ import importlib.util
 import json
 import math
 import os.path as osp
+import re
 
 import pytest
 import torch
 
+from mmdet_vanillanet import cpu_support
 from mmdet_vanillanet.analysis import (complexity, gemm_bound_seconds, gemm_throughput, time_call,
                                        time_interleaved)
 from mmdet_vanillanet.analysis.options import FAST_ROW, TRAIN_ROW
@@ -136,3 +138,34 @@ def test_training_group_runs_each_configuration_in_its_own_process(tmp_path, cap
         'RetinaNet, training structure, with_cp=False', 'RetinaNet, training structure, with_cp=True'}
     assert all(r['peak_bytes'] > 0 for r in rows.values())
     assert 'with_cp saves' in table and 'with_cp' in result['meta']
+
+
+def test_precision_rows_compare_each_model_with_itself_in_fp32(tmp_path, capsys):
+    table, result, rows = run_tool(tmp_path, capsys, '--only', 'precision', '--detectors', 'retinanet',
+                                   '--baselines', 'r50')
+    backbone = {name: r for (section, name), r in rows.items() if section == 'reduced precision: backbone'}
+    fp32 = backbone['VanillaNet-13 fused, fp32']
+    measured = [name for name, r in backbone.items() if r['seconds'] is not None]
+    assert 'ResNet-50 (channels_last), fp32' in measured
+    expected = (['VanillaNet-13 fused, bf16 (autocast)', 'VanillaNet-13 fused, OpenVINO bf16']
+                if cpu_support.native_bf16() else []) + \
+        (['VanillaNet-13 fused, int8 (PT2E, inductor)'] if cpu_support.native_int8() else [])
+    for name in expected + ['VanillaNet-13 fused, OpenVINO f32']:
+        row = backbone[name]
+        assert row['speedup'] == pytest.approx(fp32['seconds'] / row['seconds'])
+        assert re.fullmatch(r'vs fp32: \d\.\de[+-]\d\d rel', row['notes'][0])
+    retinanet = {name for (section, name), r in rows.items() if section == 'reduced precision: RetinaNet'}
+    assert {'VanillaNet-13 fused, fp32', 'ResNet-50, fp32', 'VanillaNet-13 fused, OpenVINO f32, tensor outputs'} <= \
+        retinanet
+    assert 'Reduced precision on this CPU: native bf16:' in table
+
+
+def test_precision_rows_say_what_this_cpu_cannot_measure(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(cpu_support.NO_NATIVE_ENV, 'bf16,int8')
+    table, _, rows = run_tool(tmp_path, capsys, '--only', 'precision', '--detectors', 'retinanet', '--baselines')
+    for precision in ('bf16', 'int8'):
+        row = rows[('reduced precision: backbone', f'VanillaNet-13 fused, {precision}')]
+        assert row['seconds'] is None and row['notes'] == [f'not measured: no native {precision} on this CPU']
+        assert rows[('reduced precision: roofline', f'GEMM {precision}')]['notes'][0].startswith('not measured')
+    assert not any('bf16' in name and r['seconds'] for (_, name), r in rows.items())
+    assert 'native bf16: no, native int8: no' in table

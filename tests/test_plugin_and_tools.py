@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mmdet_vanillanet import cpu_support
 from mmdet_vanillanet.datasets import generate_synthetic_coco
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +114,20 @@ def test_shortened_demo_trains_evaluates_fuses_and_draws(tiny_setup, detector):
     root, _ = tiny_setup
     work_dir = root / f'demo_{detector}'
     log = run_tool('tools/demo.py', '--config', root / f'tiny_{detector}.py', '--work-dir', work_dir,
-                   '--num-train', 8, '--num-val', 4, '--image-size', 64, '--timed-images', 2)
+                   '--num-train', 8, '--num-val', 4, '--image-size', 64, '--timed-images', 2,
+                   '--calibration-images', 4)
+    fused_map = {}
     for metric in ['bbox'] + (['segm'] if detector == 'mask_rcnn' else []):
-        before, after = re.findall(rf'^{metric}_mAP: (\d\.\d{{3}}) ', log, flags=re.M)
-        assert float(before) == pytest.approx(float(after), abs=1e-3), f'fusing changed the {metric} mAP'
+        before, fused_map[metric] = re.findall(rf'^{metric}_mAP: (\d\.\d{{3}}) ', log, flags=re.M)
+        assert float(before) == pytest.approx(float(fused_map[metric]), abs=1e-3), f'fusing changed the {metric} mAP'
     assert re.search(r'inference time per image: \d+ ms trained structure, \d+ ms fused', log)
+    # the fused checkpoint in every precision this CPU runs natively, each against fp32
+    native = ['fp32'] + [p for p, ok in (('bf16', cpu_support.native_bf16()), ('int8', cpu_support.native_int8())) if ok]
+    rows = re.findall(r'^fused, (\w+): bbox_mAP: (\d\.\d{3}).*, \d+ ms per image, outputs (.*)$', log, flags=re.M)
+    assert [row[0] for row in rows] == native, log[-3000:]
+    assert rows[0][2] == 'the reference' and rows[0][1] == fused_map['bbox']
+    for name, _, deviation in rows[1:]:
+        assert float(deviation.split()[0]) < (0.05 if name == 'bf16' else 0.5)
     assert (work_dir / 'predictions.png').stat().st_size > 1000
     assert list((work_dir / 'deploy').glob('*_deploy.pth'))
 

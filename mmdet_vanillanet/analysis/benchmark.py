@@ -13,6 +13,9 @@ Groups (``--only``):
   backbone and RetinaNet sections) and deviation from PyTorch.
 - ``training``: a RetinaNet training step (training structure) with and without ``with_cp``: seconds per
   iteration and peak memory, each in a fresh process.
+- ``precision``: fp32, bf16 and int8 side by side: GEMM roofline per precision, the fused VanillaNet and
+  ResNet-50 backbones, RetinaNet and Mask R-CNN with VanillaNet-13 / ResNet-50 / Swin-T, OpenVINO f32 / bf16
+  for the exported backbone and RetinaNet (:mod:`.reduced_precision`).
 """
 import os
 
@@ -21,6 +24,7 @@ import torch
 from .groups import run_backbone, run_detectors, run_training
 from .machine import machine_info
 from .options import GROUPS
+from .reduced_precision import run_reduced_precision
 from .report import Report
 
 
@@ -43,6 +47,8 @@ def run_benchmark(options, log=print):
             run_detectors(report, options, log)
         if 'training' in options.only:
             run_training(report, options, log)
+        if 'precision' in options.only:
+            run_reduced_precision(report, options, log)
     try:
         report.meta['load_after'] = os.getloadavg()
     except OSError:

@@ -4,10 +4,13 @@ from dataclasses import dataclass
 
 from .models import recipe_backbone
 
-GROUPS = ('complexity', 'backbone', 'detector', 'onnx', 'training')
+GROUPS = ('complexity', 'backbone', 'detector', 'onnx', 'training', 'precision')
 # Targets of the speed issue, checked (and printed) on the backbone rows.
 TARGET_BOUND_RATIO = 1.3
 TARGET_SPEEDUP = 1.7
+# Targets of the reduced-precision issue: speed-ups over the same model in fp32.
+TARGET_BF16_SPEEDUP = 3.0
+TARGET_INT8_SPEEDUP = 5.0
 
 FAST_ROW = 'fused, oneDNN blocked (default)'
 TRAIN_ROW = 'training structure (channels_last, default)'

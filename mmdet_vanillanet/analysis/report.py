@@ -3,7 +3,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-from .options import FAST_ROW, TARGET_BOUND_RATIO, TARGET_SPEEDUP
+from .options import FAST_ROW, TARGET_BF16_SPEEDUP, TARGET_BOUND_RATIO, TARGET_INT8_SPEEDUP, TARGET_SPEEDUP
 
 
 @dataclass
@@ -78,6 +78,45 @@ def targets(report):
                 speedup=fast.speedup, speedup_ok=fast.speedup >= TARGET_SPEEDUP)
 
 
+def _seconds(report, section, name):
+    row = report.find(section, name)
+    return row.seconds if row is not None else None
+
+
+def _met(ok):
+    return 'met' if ok else 'NOT met'
+
+
+def precision_targets(report):
+    """The reduced-precision targets on this run's ``precision`` rows, as sentences (empty where not measured)."""
+    lines = []
+    backbone, vanilla = 'reduced precision: backbone', 'VanillaNet-13 fused'
+    fp32 = _seconds(report, backbone, f'{vanilla}, fp32')
+    for name, target in (('bf16 (autocast)', TARGET_BF16_SPEEDUP), ('int8 (PT2E, inductor)', TARGET_INT8_SPEEDUP)):
+        seconds = _seconds(report, backbone, f'{vanilla}, {name}')
+        if fp32 and seconds:
+            lines.append(f'Backbone {name}: {fp32 / seconds:.2f}x faster than fp32 (target >= {target}x: '
+                         f'{_met(fp32 / seconds >= target)}).')
+    for detector in ('RetinaNet', 'Mask R-CNN'):
+        section = f'reduced precision: {detector}'
+        seconds = {key: _seconds(report, section, name) for key, name in (
+            ('v32', f'{vanilla}, fp32'), ('v16', f'{vanilla}, bf16 (autocast, fp32 post-processing)'),
+            ('r32', 'ResNet-50, fp32'), ('r16', 'ResNet-50, bf16 (autocast, fp32 post-processing)'),
+            ('ov16', f'{vanilla}, OpenVINO bf16, tensor outputs'))}
+        if seconds['v32'] and seconds['v16']:
+            speedup = seconds['v32'] / seconds['v16']
+            lines.append(f'{detector} bf16: {speedup:.2f}x faster than fp32 (target >= {TARGET_BF16_SPEEDUP}x: '
+                         f'{_met(speedup >= TARGET_BF16_SPEEDUP)}).')
+        if all(seconds[k] for k in ('v32', 'v16', 'r32', 'r16')):
+            before, after = seconds['v32'] / seconds['r32'], seconds['v16'] / seconds['r16']
+            lines.append(f'{detector} VanillaNet-13 / ResNet-50 latency: {before:.2f}x in fp32, {after:.2f}x in bf16 '
+                         f'(target: bf16 no worse than fp32: {_met(after <= before)}).')
+        if seconds['v16'] and seconds['ov16']:
+            ratio = seconds['v16'] / seconds['ov16']
+            lines.append(f'{detector} bf16, PyTorch / OpenVINO latency: {ratio:.2f}x (target <= 1: {_met(ratio <= 1)}).')
+    return lines
+
+
 def format_report(report):
     """The run as Markdown: a header (machine, date, versions, load, command), one table, the targets."""
     o, m = report.options, report.meta
@@ -91,7 +130,8 @@ def format_report(report):
         + (f', GPU {m["gpu"]} (TF32: convs {m["tf32"]["convs"]}, matmul {m["tf32"]["matmul"]})' if 'gpu' in m
            else '') + f'; device {m["device"]}',
         f'- versions: Python {m["python"]}, {versions}',
-        f'- input: {o.batch} x 3 x {h} x {w}, fp32, every row; backbone {o.arch} (act_num {o.act_num}), '
+        f'- input: {o.batch} x 3 x {h} x {w}, every row (fp32 unless the row names another precision); '
+        f'backbone {o.arch} (act_num {o.act_num}), '
         f'out_indices {o.out_indices}; random weights',
         f'- load average (1, 5, 15 min): before {load(m.get("load_before"))}, after {load(m.get("load_after"))}',
         f'- command: `{o.command or "python tools/benchmark.py"}`',
@@ -120,6 +160,10 @@ def format_report(report):
             f'(target <= {TARGET_BOUND_RATIO}x: {"met" if result["bound_ok"] else "NOT met"}); '
             f'{result["speedup"]:.2f}x faster than the training structure '
             f'(target >= {TARGET_SPEEDUP}x: {"met" if result["speedup_ok"] else "NOT met"}).')
+    if 'native' in m:
+        lines.append(f'Reduced precision on this CPU: {m["native"]}. Speed-up of a bf16 / int8 / OpenVINO row: '
+                     'against the same model\'s fp32 row.')
+        lines += precision_targets(report)
     if 'with_cp' in m:
         saved = m['with_cp']
         lines.append(f'with_cp saves {saved["saved_bytes"] / 2**20:.0f} MiB of peak memory per training step at '

@@ -50,25 +50,62 @@ def check_quantizable(net):
                          'static shape to export); use vanillanet_13_x1_5 or fp32 / bf16.')
 
 
-def _export(net, example):
-    """``torch.export`` of the fused ``net`` for any batch of images whose height and width are multiples of its
-    stride."""
-    stride = net.min_input_size
+def _export(module, example, stride):
+    """``torch.export`` of ``module`` for any batch of images whose height and width are multiples of ``stride``."""
+    batch = torch.export.Dim('batch', min=1, max=1024)
     height = torch.export.Dim('height_blocks', min=1, max=4096 // stride)
     width = torch.export.Dim('width_blocks', min=1, max=4096 // stride)
-    batch = torch.export.Dim('batch', min=1, max=1024)
     spec = {'x': {0: batch, 2: stride * height, 3: stride * width}}
-    return torch.export.export(net, (example,), dynamic_shapes=spec, strict=False).module()
+    return torch.export.export(module, (example,), dynamic_shapes=spec, strict=False).module()
+
+
+def _observers(prepared):
+    return {key: value for key, value in prepared.state_dict().items() if 'activation_post_process' in key}
+
+
+def quantize_pt2e(module, stride, calibration_inputs=None, observers=None, in_channels=3):
+    """PT2E static int8 quantization of an image backbone: export, prepare, calibrate (or load), convert.
+
+    Args:
+        module (nn.Module): the backbone in eval mode; ``forward(x)`` takes images (N, C, H, W).
+        stride (int): its total stride; height and width must be multiples of it.
+        calibration_inputs (Iterable[Tensor] | None): image batches to calibrate the observers on.
+        observers (dict[str, Tensor] | None): observer statistics of an earlier calibration instead.
+        in_channels (int): image channels. Default: 3.
+
+    Returns:
+        tuple[torch.fx.GraphModule, dict[str, Tensor]]: the converted model and the observer statistics.
+    """
+    if (calibration_inputs is None) == (observers is None):
+        raise ValueError('int8 quantization needs either calibration_inputs (images) or calibration (a file).')
+    prepare_pt2e, convert_pt2e, x86 = _import_pt2e()
+    example = torch.zeros(2, in_channels, stride * 2, stride * 2)
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    with torch.no_grad():
+        prepared = prepare_pt2e(_export(module, example, stride), quantizer)
+        if observers is None:
+            count = 0
+            for inputs in calibration_inputs:
+                prepared(_checked_input(stride, inputs))
+                count += inputs.shape[0]
+            if not count:
+                raise ValueError('int8 calibration got no images.')
+            observers = _observers(prepared)
+        else:
+            expected = set(_observers(prepared))
+            if set(observers) != expected:
+                raise ValueError(f'The int8 calibration does not fit this backbone: it has {len(observers)} observer '
+                                 f'tensors, the backbone needs {len(expected)}. Calibrate again with '
+                                 'tools/quantize.py.')
+            prepared.load_state_dict(observers, strict=False)
+        quantized = convert_pt2e(prepared)
+    return quantized, {key: value.clone() for key, value in observers.items()}
 
 
 def describe(net):
     """What a calibration must have been made for: ``arch``, ``act_num`` and ``out_indices`` of ``net``."""
     arch = net.arch_name or dict(dims=list(net.dims), strides=list(net.strides))
     return dict(arch=arch, act_num=net.act_num, out_indices=list(net.out_indices))
-
-
-def _observers(prepared):
-    return {key: value for key, value in prepared.state_dict().items() if 'activation_post_process' in key}
 
 
 def quantize_vanillanet(net, calibration_inputs=None, calibration=None):
@@ -78,83 +115,54 @@ def quantize_vanillanet(net, calibration_inputs=None, calibration=None):
         net (VanillaNet): the backbone (the training structure is fused first, on a copy).
         calibration_inputs (Iterable[Tensor] | None): preprocessed image batches (N, 3, H, W) as the detector's
             data preprocessor makes them, H and W multiples of the backbone's total stride.
-        calibration (dict | None): observer statistics from :func:`load_calibration` / a previous
-            :class:`Int8VanillaNet`'s ``calibration``, instead of images.
+        calibration (dict | None): what :class:`Int8VanillaNet` ``.calibration`` holds (:func:`describe` of the
+            backbone and the observer statistics), e.g. an entry of :func:`load_calibration`, instead of images.
 
     Returns:
         Int8VanillaNet
     """
     check_quantizable(net)
-    if (calibration_inputs is None) == (calibration is None):
-        raise ValueError('quantize_vanillanet needs either calibration_inputs (images) or calibration (a file).')
-    prepare_pt2e, convert_pt2e, x86 = _import_pt2e()
-    fused = _fused_copy(net)
-    example = torch.zeros(2, fused.in_channels, fused.min_input_size * 2, fused.min_input_size * 2)
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
-    with torch.no_grad():
-        prepared = prepare_pt2e(_export(fused, example), quantizer)
-        if calibration is None:
-            count = 0
-            for inputs in calibration_inputs:
-                prepared(_checked_input(fused, inputs))
-                count += inputs.shape[0]
-            if not count:
-                raise ValueError('int8 calibration got no images.')
-            observers = _observers(prepared)
-        else:
-            observers = calibration['observers']
-            described = {key: calibration[key] for key in ('arch', 'act_num', 'out_indices') if key in calibration}
-            actual = {key: value for key, value in describe(fused).items() if key in described}
-            expected = set(_observers(prepared))
-            if set(observers) != expected or described != actual:
-                raise ValueError(f'The int8 calibration does not fit this backbone: it was made for {described} with '
-                                 f'{len(observers)} observer tensors; this backbone is {describe(fused)} and needs '
-                                 f'{len(expected)}. Calibrate again with tools/quantize.py.')
-            prepared.load_state_dict(observers, strict=False)
-        quantized = convert_pt2e(prepared)
-    return Int8VanillaNet(quantized, fused, {key: value.clone() for key, value in observers.items()})
-
-
-def _fused_copy(net):
     fused = copy.deepcopy(net).eval()
     fused.switch_to_deploy()
-    return fused
+    if calibration is not None:
+        described = {key: calibration[key] for key in ('arch', 'act_num', 'out_indices') if key in calibration}
+        actual = {key: value for key, value in describe(fused).items() if key in described}
+        if described != actual:
+            raise ValueError(f'The int8 calibration does not fit this backbone: it was made for {described}, this '
+                             f'backbone is {actual}. Calibrate again with tools/quantize.py.')
+    quantized, observers = quantize_pt2e(fused, fused.min_input_size, calibration_inputs,
+                                         calibration and calibration['observers'], fused.in_channels)
+    return Int8VanillaNet(quantized, fused, observers)
 
 
-def _checked_input(net, x):
-    stride = net.min_input_size
+def _checked_input(stride, x):
     if x.dim() != 4 or x.shape[-2] % stride or x.shape[-1] % stride:
-        raise ValueError(f'The int8 VanillaNet takes images whose height and width are multiples of {stride}, got '
+        raise ValueError(f'The int8 backbone takes images whose height and width are multiples of {stride}, got '
                          f'{tuple(x.shape)}; set the detector\'s data_preprocessor pad_size_divisor to {stride}.')
     return x
 
 
-class Int8VanillaNet(nn.Module):
-    """A fused VanillaNet quantized to int8 (PT2E), compiled by inductor with freezing on its first call.
+class Int8Backbone(nn.Module):
+    """A PT2E-quantized backbone (:func:`quantize_pt2e`), compiled by inductor with freezing on its first call.
 
-    Stands in for the backbone of any detector: same outputs (fp32, or bf16 under CPU autocast), same
-    ``out_indices`` / ``out_channels`` / ``out_strides``; inference only.
+    Stands in for the fp32 backbone of a detector: the same outputs (dequantized: fp32, or bf16 under CPU
+    autocast), NCHW-contiguous; inference only. A new input shape compiles once more (inductor marks the
+    changing sizes dynamic after the first change).
 
     Args:
-        quantized (torch.fx.GraphModule): the converted PT2E model.
-        source (VanillaNet): the fused backbone it was made from (its description is kept, not its weights).
-        observers (dict[str, Tensor]): the calibration statistics; ``calibration`` holds them with
-            :func:`describe` of the source (what :func:`save_calibration` writes).
+        quantized (torch.fx.GraphModule): the converted model.
+        stride (int): the total stride; height and width must be multiples of it.
     """
 
-    def __init__(self, quantized, source, observers):
+    def __init__(self, quantized, stride):
         super().__init__()
         self.quantized = quantized
-        self.calibration = dict(describe(source), observers=observers)
-        self.out_indices = source.out_indices
-        self.min_input_size = source.min_input_size
-        self.in_channels = source.in_channels
-        self.out_channels, self.out_strides = source.out_channels, source.out_strides
+        self.stride = stride
         self._compiled = torch.compile(self.quantized)
 
     def train(self, mode=True):
         if mode:
-            raise RuntimeError('An int8 VanillaNet is for inference only; train the fp32 detector and quantize it '
+            raise RuntimeError('An int8 backbone is for inference only; train the fp32 detector and quantize it '
                                'again with tools/quantize.py.')
         self.training = False  # the exported graph has no modes to switch (and refuses .eval())
         return self
@@ -164,11 +172,29 @@ class Int8VanillaNet(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled():
-            raise RuntimeError('An int8 VanillaNet runs without gradients: call it under torch.no_grad().')
+            raise RuntimeError('An int8 backbone runs without gradients: call it under torch.no_grad().')
         # freezing turns the int8 weights into constants, which lets inductor use oneDNN's int8 kernels
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            outs = self._compiled(_checked_input(self, x))
+            outs = self._compiled(_checked_input(self.stride, x))
         return tuple(out.contiguous() for out in outs)
+
+
+class Int8VanillaNet(Int8Backbone):
+    """A fused VanillaNet quantized to int8: an :class:`Int8Backbone` that describes its outputs as the
+    VanillaNet does (``out_indices``, ``out_channels``, ``out_strides``) and keeps its calibration.
+
+    Args:
+        quantized (torch.fx.GraphModule): the converted PT2E model.
+        source (VanillaNet): the fused backbone it was made from (its description is kept, not its weights).
+        observers (dict[str, Tensor]): the calibration statistics; ``calibration`` holds them with
+            :func:`describe` of the source (what :func:`save_calibration` writes).
+    """
+
+    def __init__(self, quantized, source, observers):
+        super().__init__(quantized, source.min_input_size)
+        self.calibration = dict(describe(source), observers=observers)
+        self.out_indices, self.in_channels = source.out_indices, source.in_channels
+        self.out_channels, self.out_strides = source.out_channels, source.out_strides
 
 
 def replace_with_int8(detector, calibration):
