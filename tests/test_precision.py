@@ -246,8 +246,11 @@ def test_int8_differs_from_fp32_and_is_rebuilt_exactly_from_its_calibration(int8
     data = load_calibration(path)
     rebuilt = quantize_vanillanet(net, calibration=data['backbones']['backbone'])
     with torch.no_grad():
-        for a, b in zip(outs, rebuilt(x)):
+        # the quantized graphs (int8 weights, scales, zero points) are identical: the same numbers, bit for bit
+        for a, b in zip(int8.quantized(x), rebuilt.quantized(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # compiled, they may differ by rounding where inductor's kernels for other shapes fuse differently
+        assert relative_deviation(outs, rebuilt(x))['max_rel'] < 1e-2
 
 
 def test_int8_refuses_bad_inputs(int8_pair):

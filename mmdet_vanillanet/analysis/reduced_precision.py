@@ -9,8 +9,8 @@
   for the exported fused RetinaNet.
 
 Each reduced-precision row's speed-up is against the same model in fp32, its note gives its output deviation
-from fp32. Where the CPU lacks native bf16 or int8 the row says so and is not timed: emulation would
-measure the emulator.
+from fp32. VanillaNets get scale-preserving random weights (:func:`.models.scale_preserving_init_`). Where the
+CPU lacks native bf16 or int8 the row says so and is not timed: emulation would measure the emulator.
 """
 import contextlib
 import functools
@@ -27,7 +27,8 @@ from ..precision.bf16 import bf16_inference
 from ..precision.int8 import Int8Backbone, quantize_pt2e, quantize_vanillanet
 from .groups import _onnx_dir
 from .latency import time_interleaved
-from .models import BASELINE_NAMES, DETECTOR_NAMES, build_backbone, build_detector, detector_config, detector_inputs
+from .models import (BASELINE_NAMES, DETECTOR_NAMES, build_backbone, build_detector, detector_config, detector_inputs,
+                     scale_preserving_init_)
 from .roofline import gemm_flops, gemm_inputs
 
 ROOFLINE = 'reduced precision: roofline'
@@ -120,7 +121,7 @@ def run_backbones(report, options, log):
     h, w = options.shape
     x = torch.randn(options.batch, 3, h, w, generator=torch.Generator().manual_seed(0))
     log('precision: building the fused VanillaNet and the ResNet-50 backbone')
-    fused = build_backbone(True, options.arch, options.act_num, options.out_indices)
+    fused = scale_preserving_init_(build_backbone(True, options.arch, options.act_num, options.out_indices))
     r50 = _baseline_backbone(options)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     models = {VANILLANET: (fused, x, fused.min_input_size), 'ResNet-50 (channels_last)': (r50, x_cl, 32)}
@@ -228,7 +229,7 @@ def run_detectors(report, options, log):
         with torch.no_grad():
             for label, backbone, cfg in models:
                 log(f'{section}: building {label}')
-                model = build_detector(cfg)
+                model = scale_preserving_init_(build_detector(cfg))
                 inputs, samples = detector_inputs(model, options.shape, options.batch)
                 built.append(model)
                 forward = functools.partial(model, inputs, samples, mode='tensor')

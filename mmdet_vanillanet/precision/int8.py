@@ -56,11 +56,40 @@ def _export(module, example, stride):
     height = torch.export.Dim('height_blocks', min=1, max=4096 // stride)
     width = torch.export.Dim('width_blocks', min=1, max=4096 // stride)
     spec = {'x': {0: batch, 2: stride * height, 3: stride * width}}
-    return torch.export.export(module, (example,), dynamic_shapes=spec, strict=False).module()
+    return torch.export.export(module, (example,), dynamic_shapes=spec, strict=True).module()
 
 
-def _observers(prepared):
-    return {key: value for key, value in prepared.state_dict().items() if 'activation_post_process' in key}
+def _observers_by_input(prepared):
+    """Every observer of a prepared PT2E graph, keyed by the name of the node it observes.
+
+    The observers' own names (``activation_post_process_N``) are numbered in an order that changes from one
+    ``prepare_pt2e`` to the next; the observed nodes' names come from the export and do not.
+    """
+    observers = {}
+    for node in prepared.graph.nodes:
+        if node.op == 'call_module' and node.target.startswith('activation_post_process'):
+            observed = node.args[0].name
+            if observed in observers:
+                raise RuntimeError(f'int8: two observers watch {observed!r}; the calibration cannot name them.')
+            observers[observed] = prepared.get_submodule(node.target)
+    return observers
+
+
+def _observer_state(prepared):
+    return {f'{observed}:{key}': value.clone() for observed, observer in _observers_by_input(prepared).items()
+            for key, value in observer.state_dict().items()}
+
+
+def _load_observer_state(prepared, state):
+    observers = _observers_by_input(prepared)
+    expected = {f'{observed}:{key}' for observed, observer in observers.items() for key in observer.state_dict()}
+    if set(state) != expected:
+        raise ValueError(f'The int8 calibration does not fit this backbone: it has {len(state)} observer tensors, the '
+                         f'backbone needs {len(expected)}. Calibrate again with tools/quantize.py.')
+    for observed, observer in observers.items():
+        # the buffers replaced whole: the observers' own loading skips ``eps`` and assumes calibrated shapes
+        for key in observer.state_dict():
+            observer._buffers[key] = state[f'{observed}:{key}'].clone()
 
 
 def quantize_pt2e(module, stride, calibration_inputs=None, observers=None, in_channels=3):
@@ -90,16 +119,11 @@ def quantize_pt2e(module, stride, calibration_inputs=None, observers=None, in_ch
                 count += inputs.shape[0]
             if not count:
                 raise ValueError('int8 calibration got no images.')
-            observers = _observers(prepared)
+            observers = _observer_state(prepared)
         else:
-            expected = set(_observers(prepared))
-            if set(observers) != expected:
-                raise ValueError(f'The int8 calibration does not fit this backbone: it has {len(observers)} observer '
-                                 f'tensors, the backbone needs {len(expected)}. Calibrate again with '
-                                 'tools/quantize.py.')
-            prepared.load_state_dict(observers, strict=False)
+            _load_observer_state(prepared, observers)
         quantized = convert_pt2e(prepared)
-    return quantized, {key: value.clone() for key, value in observers.items()}
+    return quantized, observers
 
 
 def describe(net):
