@@ -6,6 +6,7 @@ setup(
     description='VanillaNet backbone for MMDetection 3.x',
     packages=find_packages(include=['mmdet_vanillanet', 'mmdet_vanillanet.*']),
     python_requires='>=3.9',
+    license='MIT',
     # What the package imports, at the versions it needs; `make install` installs the tested pins
     # (requirements/) and then this package with --no-deps. mmcv must be built with its ops (MMCV_WITH_OPS=1):
     # mmdet 3.3 refuses mmcv 2.2. torch >= 2.6 loads checkpoints weights-only by default and has the

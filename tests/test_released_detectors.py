@@ -140,9 +140,11 @@ def test_readme_det_inferencer_example_runs(workspace):
         os.symlink(osp.join(ROOT, 'configs'), workspace / 'configs')
     image = sorted((workspace / 'data' / 'coco' / 'val2017').iterdir())[0]
     (workspace / 'demo.jpg').write_bytes(image.read_bytes())
-    log = run(['-c', readme_python_block('In Python, with mmdet\'s inferencer')], cwd=workspace)
+    code = readme_python_block('In Python, with mmdet\'s inferencer') + readme_python_block('The same inferencer in bf16')
+    log = run(['-c', code], cwd=workspace)
     detections = re.search(r"(\d+) detections; classes \('person', 'bicycle'\)", log)
     assert detections and int(detections.group(1)) > 0, log[-2000:]
+    assert re.search(r'^\d+ detections in bf16$', log, flags=re.M), log[-2000:]
     assert list((workspace / 'outputs' / 'vis').iterdir())
     assert not (workspace / IMAGENET_FILE).exists()
 

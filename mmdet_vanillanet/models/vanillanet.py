@@ -1,5 +1,10 @@
 """VanillaNet backbone (Chen et al., NeurIPS 2023) for MMDetection 3.x.
 
+Paper: "VanillaNet: the Power of Minimalism in Deep Learning", H. Chen, Y. Wang, J. Guo, D. Tao,
+arXiv:2305.12972. Reference implementation (MIT licence): https://github.com/huawei-noah/VanillaNet; the
+network's facts (widths, strides, the series activation, the fusion) follow it, the code here is this
+project's own.
+
 A plain stack: a stem, then ``len(strides)`` blocks of 1x1 convs, pooling and a series-informed
 activation. Parameter names follow the published checkpoints in both the training structure and the
 fused deploy structure, so official weights load without renaming.
