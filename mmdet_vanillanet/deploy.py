@@ -17,8 +17,9 @@ from mmengine.config import Config
 from .checkpoint.key_layout import (VanillaNetWeightsError, check_backbone_state_dict, count_parameters,
                                     select_state_dict, strip_module_prefix)
 from .checkpoint.safe_load import read_checkpoint
-from .detector_utils import (build_detector, detector_outputs, find_vanillanets, fuse_vanillanets,
-                             is_vanillanet_cfg, random_batch, relative_deviation, vanillanet_cfgs)
+from .detector_utils import (NonFiniteOutputsError, build_detector, detector_outputs, find_vanillanets,
+                             fuse_vanillanets, is_vanillanet_cfg, random_batch, relative_deviation,
+                             vanillanet_cfgs)
 from .engine.act_learn_hook import META_KEY as ACT_LEARN_META_KEY
 from .models import VanillaNet
 
@@ -158,7 +159,9 @@ def deploy_detector(config, checkpoint, out_dir, shape=(320, 320), num_images=2,
     fused = fuse_vanillanets(model)
     after, _ = detector_outputs(model, inputs, data_samples, proposals)
     try:
-        result = relative_deviation(before, after)
+        result = relative_deviation(before, after, names=('the detector before fusing', 'the fused detector'))
+    except NonFiniteOutputsError as err:
+        raise DeployCheckError(f'{err} Nothing was written.') from None
     except ValueError as err:
         raise DeployCheckError(f'The fused detector returns other outputs: {err}') from None
     if result['max_rel'] > tolerance:

@@ -7,7 +7,8 @@ One home for each of these, used by deploy, export, the hooks, the demo and the 
 - :func:`fuse_vanillanets`: ``switch_to_deploy()`` on every VanillaNet of a detector;
 - :func:`padded_shape`, :func:`random_batch`: inputs the way the detector's data preprocessor pads them;
 - :func:`detector_outputs`, :func:`flatten_tensors`: what a detector computes, as a flat list of tensors;
-- :func:`relative_deviation`: the one definition of how far two sets of outputs are apart;
+- :func:`relative_deviation`: the one definition of how far two sets of outputs are apart (non-finite
+  values fail it: :class:`NonFiniteOutputsError`);
 - :func:`quiet_mmengine`: build and initialise without mmengine's per-parameter INFO lines.
 """
 import copy
@@ -182,25 +183,65 @@ def detector_outputs(model, inputs, data_samples, proposals=None):
     return [t.detach().clone() for t in flatten_tensors(outputs)], proposals
 
 
-def relative_deviation(reference, outputs):
+class NonFiniteOutputsError(ValueError):
+    """Compared outputs hold NaN or infinite values: no deviation can be measured, the check fails.
+
+    Args:
+        message (str): which side's outputs hold what, e.g. "outputs: output 3 holds 12 NaN".
+    """
+
+
+def non_finite_description(tensors):
+    """What non-finite values a list of tensors holds, one phrase per tensor ("output 3 holds 12 NaN").
+
+    Args:
+        tensors (Sequence[Tensor]): the outputs, counted from 0.
+
+    Returns:
+        list[str]: empty when every value is finite.
+    """
+    phrases = []
+    for index, tensor in enumerate(tensors):
+        tensor = tensor.detach()
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        counts = [(int(torch.isnan(tensor).sum()), 'NaN'), (int(torch.isposinf(tensor).sum()), '+Inf'),
+                  (int(torch.isneginf(tensor).sum()), '-Inf')]
+        held = ' and '.join(f'{count} {kind}' for count, kind in counts if count)
+        phrases.append(f'output {index} holds {held} (of {tensor.numel()} values)')
+    return phrases
+
+
+def relative_deviation(reference, outputs, names=('reference', 'outputs')):
     """How far ``outputs`` are from ``reference``: the worst, over the paired tensors, of max |a - b| / max |a|.
 
     Each tensor is measured against its own largest magnitude, so a small output (box deltas beside
     logits, a fine feature map beside a coarse one) counts as much as a large one; an all-zero reference
-    tensor is measured absolutely. This one definition is what ``tools/deploy.py`` (1e-3),
-    ``tools/export_onnx.py`` (1e-4), the benchmark and the layout tests report.
+    tensor is measured absolutely. A NaN or infinite value on either side is no deviation but a failure
+    (:class:`NonFiniteOutputsError`): compared by magnitude it would vanish. This one definition is what
+    ``tools/deploy.py`` (1e-3), ``tools/export_onnx.py`` (1e-4), the benchmark and the layout tests report.
 
     Args:
         reference (Sequence[Tensor]): the reference outputs.
         outputs (Sequence[Tensor]): the outputs to check, same number and shapes.
+        names (tuple[str, str]): what the two sides are, for the messages. Default: ('reference', 'outputs').
 
     Returns:
         dict: ``max_rel`` (the deviation), ``max_abs`` (the largest absolute difference), ``num_tensors``.
+
+    Raises:
+        ValueError: the two sides differ in number or shapes of tensors.
+        NonFiniteOutputsError: a NaN or infinite value on either side.
     """
     reference, outputs = list(reference), list(outputs)
     shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in outputs]
     if shapes[0] != shapes[1]:
-        raise ValueError(f'Cannot compare outputs of different shapes: {shapes[1]} against {shapes[0]}.')
+        raise ValueError(f'Cannot compare outputs of different shapes: {names[1]} {shapes[1]} against '
+                         f'{names[0]} {shapes[0]}.')
+    non_finite = [f'{name}: {"; ".join(phrases)}' for name, phrases in
+                  zip(names, (non_finite_description(reference), non_finite_description(outputs))) if phrases]
+    if non_finite:
+        raise NonFiniteOutputsError(f'Non-finite values, no deviation can be measured: {". ".join(non_finite)}.')
     max_rel = max_abs = 0.0
     for ref, out in zip(reference, outputs):
         if not ref.numel():

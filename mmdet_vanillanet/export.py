@@ -21,8 +21,8 @@ from mmengine.config import Config
 from mmdet.models.detectors import SingleStageDetector
 
 from .deploy import load_detector_checkpoint
-from .detector_utils import (build_detector, flatten_tensors, fuse_vanillanets, padded_shape, quiet_mmengine,
-                             relative_deviation)
+from .detector_utils import (NonFiniteOutputsError, build_detector, flatten_tensors, fuse_vanillanets,
+                             padded_shape, quiet_mmengine, relative_deviation)
 from .models import VanillaNet
 
 DEFAULT_OPSET = 17
@@ -175,7 +175,9 @@ def check_onnx(session, module, inputs, tolerance=1e-4):
         reference = flatten_tensors(module(inputs))
     outputs = run_onnx(session, inputs)
     try:
-        result = relative_deviation(reference, outputs)
+        result = relative_deviation(reference, outputs, names=('PyTorch', 'ONNX Runtime'))
+    except NonFiniteOutputsError as err:
+        raise ONNXExportError(f'The exported graph cannot be checked: {err}') from None
     except ValueError as err:
         raise ONNXExportError(f'ONNX Runtime returned other outputs than PyTorch: {err}') from None
     if result['max_rel'] > tolerance:
