@@ -76,15 +76,20 @@ def tool(name, *args):
 
 
 @pytest.mark.parametrize('backbone, kind, phrases', [
-    (dict(arch='vanillanet_14'), KeyError, ["Unknown VanillaNet arch 'vanillanet_14'", 'valid names: vanillanet_5, ']),
+    (dict(arch='vanillanet_14'), ValueError, ["Unknown VanillaNet arch 'vanillanet_14'", 'valid names: vanillanet_5, ']),
+    (dict(arch=dict(dims=[8, 16], strides=[2], stride=[2])), ValueError, ["Unknown keys ['stride'] in VanillaNet arch"]),
+    (dict(norm_cfg=None), TypeError, ["norm_cfg must be a dict such as dict(type='BN', eps=1e-6), got None"]),
+    (dict(act_num=None), TypeError, ['act_num must be an integer >= 1', 'got None']),
+    (dict(act_num=float('nan')), ValueError, ['act_num must be an integer >= 1', 'got nan']),
     (dict(out_indices=(0, 3)), ValueError, ['out_indices must be strictly increasing block indices in [0, 2]',
                                             '(3 blocks), got (0, 3)']),
     (dict(frozen_stages=4), ValueError, ['frozen_stages must be an int in [-1, 3]', 'got 4']),
     (dict(act_num=0), ValueError, ['act_num must be an integer >= 1', 'got 0']),
 ])
 def test_backbone_arguments(setup, backbone, kind, phrases):
-    with raises(kind, *phrases):
+    with raises(kind, *phrases) as error:
         MODELS.build(detector_cfg(setup[2], **backbone))
+    assert type(error.value) is kind and str(error.value).startswith(phrases[0][:12]), 'wrapped or quoted'
 
 
 def test_a_tool_shows_the_message_last(setup, tmp_path):

@@ -338,7 +338,7 @@ def model_zoo_url(name):
         urls = mmengine_checkpoint.get_external_models()
         model = mmengine_checkpoint.get_deprecated_model_names().get(model, model)
     if model not in urls:
-        raise KeyError(f'{name!r} names no model of mmengine\'s {scheme}:// table ({len(urls)} models).')
+        raise ValueError(f'{name!r} names no model of mmengine\'s {scheme}:// table ({len(urls)} models).')
     return urls[model]
 
 
