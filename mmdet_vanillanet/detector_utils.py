@@ -3,6 +3,7 @@
 One home for each of these, used by deploy, export, the hooks, the demo and the benchmark:
 
 - :func:`vanillanet_cfgs` / :func:`find_vanillanets`: every VanillaNet in a model config / a built model;
+- :func:`check_detector_state_dict`: whether weights fit a detector exactly, misfits in words;
 - :func:`build_detector`: a config's detector without reading its backbone's pretrained weights;
 - :func:`fuse_vanillanets`: ``switch_to_deploy()`` on every VanillaNet of a detector;
 - :func:`padded_shape`, :func:`random_batch`: inputs the way the detector's data preprocessor pads them;
@@ -26,6 +27,8 @@ from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 
+from .checkpoint.key_layout import (VanillaNetWeightsError, check_backbone_state_dict, difference_lines,
+                                    key_differences)
 from .models import VanillaNet
 
 
@@ -62,6 +65,32 @@ def find_vanillanets(model):
     if is_model_wrapper(model):
         model = model.module
     return [module for module in model.modules() if isinstance(module, VanillaNet)]
+
+
+def check_detector_state_dict(model, state_dict, source='the checkpoint'):
+    """Raise :class:`VanillaNetWeightsError` unless ``state_dict`` has exactly the model's keys and shapes.
+
+    Each VanillaNet's own keys are checked first, so that a misfit there is explained in words
+    (``act_num``, ``deploy``, widths); then every other key (neck, heads, ...) and shape. A missing
+    ``num_batches_tracked`` is no misfit (loading fills it with 0).
+
+    Args:
+        model (nn.Module): the detector (a DDP / model wrapper is unwrapped).
+        state_dict (Mapping[str, Tensor]): its weights, without the ``module.`` prefix.
+        source (str): where the weights come from, for the message. Default: 'the checkpoint'.
+    """
+    if is_model_wrapper(model):
+        model = model.module
+    for name, module in model.named_modules():
+        if isinstance(module, VanillaNet):
+            prefix = f'{name}.' if name else ''
+            part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            check_backbone_state_dict(module, part, source=f'{source} ({prefix or "no prefix"}*)')
+    differences = key_differences(state_dict, model.state_dict())
+    if any(differences.values()):
+        raise VanillaNetWeightsError('\n'.join(
+            [f'{source} does not fit the detector of the config:'] + difference_lines(differences)
+            + ['Is it a checkpoint of this config? (Weights are loaded strictly: every key and shape must match.)']))
 
 
 @contextmanager
