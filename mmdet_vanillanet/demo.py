@@ -20,6 +20,7 @@ from mmdet.registry import VISUALIZERS
 
 from .datasets import generate_synthetic_coco
 from .deploy import deploy_detector
+from .visualization.training_curves import plot_training_curves, training_log_file
 
 BBOX_MAP_KEY = 'coco/bbox_mAP'
 SEGM_MAP_KEY = 'coco/segm_mAP'
@@ -122,6 +123,7 @@ def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, 
     start = time.perf_counter()
     runner.train()
     train_seconds = time.perf_counter() - start
+    train_log = training_log_file(runner)
     checkpoint = osp.join(cfg.work_dir, f'epoch_{runner.max_epochs}.pth')
 
     runner, metrics = _test_metrics(cfg, checkpoint)
@@ -135,12 +137,14 @@ def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, 
     fused_cfg.work_dir = osp.join(cfg.work_dir, 'deploy')
     fused_runner, fused_metrics = _test_metrics(fused_cfg, fused['checkpoint'])
     fused_seconds = seconds_per_image(fused_runner.model, dataloader, timed_images)
+    curves = plot_training_curves(train_log, osp.join(cfg.work_dir, 'training_curves.png'),
+                                  final=dict(trained=metrics, fused=fused_metrics))
 
     summary = dict(
         bbox_mAP=metrics[BBOX_MAP_KEY], fused_bbox_mAP=fused_metrics[BBOX_MAP_KEY],
         segm_mAP=metrics.get(SEGM_MAP_KEY), fused_segm_mAP=fused_metrics.get(SEGM_MAP_KEY),
         train_seconds=train_seconds, seconds_per_image=seconds, fused_seconds_per_image=fused_seconds,
-        max_deviation=fused['max_rel'], picture=picture, checkpoint=checkpoint,
+        max_deviation=fused['max_rel'], picture=picture, curves=curves, checkpoint=checkpoint,
         fused_checkpoint=fused['checkpoint'], fused_config=fused['config'])
     print_log(format_summary(summary), logger='current')
     return summary
@@ -173,6 +177,7 @@ def format_summary(summary):
         f"{summary['fused_seconds_per_image'] * 1000:.0f} ms fused",
         f"largest output deviation after fusing (relative): {summary['max_deviation']:.1e}",
         f"predictions (left: ground truth, right: predicted): {summary['picture']}",
+        f"training loss and validation mAP: {summary['curves']}",
         f"checkpoints: {summary['checkpoint']}",
         f"             {summary['fused_checkpoint']} (config {summary['fused_config']})",
         '==============================================',
