@@ -152,8 +152,8 @@ def test_training_cost_of_one_step():
 
 
 @pytest.mark.slow
-def test_training_group_runs_each_configuration_in_its_own_process(tmp_path, capsys):
-    table, result, rows = run_tool(tmp_path, capsys, '--only', 'training', '--train-shape', '64', '64',
+def test_training_group_runs_each_configuration_in_its_own_process(tmp_path, capsys, monkeypatch):
+    table, result, rows = run_tool(tmp_path, capsys, monkeypatch, '--only', 'training', '--train-shape', '64', '64',
                                    '--train-batch', '1', '--train-steps', '1', '--train-rounds', '1')
     assert {name for section, name in rows if section == 'training step'} == {
         'RetinaNet, training structure, with_cp=False', 'RetinaNet, training structure, with_cp=True'}

@@ -3,6 +3,7 @@ one requirements/constraints.txt pins, and README's "Tested versions" and instal
 import ast
 import importlib.metadata
 import re
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,9 @@ def test_every_imported_package_is_declared_and_installed_at_a_declared_version(
 
 def test_every_installed_package_is_pinned_at_its_installed_version():
     pinned = pins()
-    installed = {normalized(d.metadata['Name']): d.version for d in importlib.metadata.distributions()}
+    # what pip installed into the environment (not, say, setuptools' vendored copies once they are on sys.path)
+    installed = {normalized(d.metadata['Name']): d.version
+                 for d in importlib.metadata.distributions(path=site.getsitepackages())}
     installed.pop('mmdet-vanillanet', None)
     unpinned = sorted(name for name in installed if name not in pinned and not CUDA_ONLY.match(name))
     assert not unpinned, f'installed, but without a line in requirements/constraints.txt: {unpinned}'

@@ -273,7 +273,8 @@ def test_every_process_of_a_distributed_run_raises_the_same_error(server, tmp_pa
     port, env = free_port(), tool_env(TORCH_HOME=str(tmp_path / 'torch_home'))
     worker = osp.join(ROOT, 'tests', 'url_loading_worker.py')
     processes = [subprocess.Popen([sys.executable, worker, str(rank), '2', str(port), str(tmp_path / f'{rank}.json'),
-                                   *urls.values()], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                   *urls.values()], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
                  for rank in (0, 1)]
     try:
         logs = [p.communicate(timeout=180)[0] for p in processes]
@@ -296,4 +297,5 @@ def test_every_process_of_a_distributed_run_raises_the_same_error(server, tmp_pa
         and 'Its download was deleted from the cache' in outcome['payload'], outcome['payload']
     assert outcome['good'] == 'loaded state_dict'
     cached = [p for p in (tmp_path / 'torch_home').rglob('*') if p.is_file()]
-    assert cached == [Path(safe_load.url_cache_path(urls['good'], str(tmp_path / 'torch_home' / 'hub' / 'checkpoints')))]
+    hub = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    assert cached == [Path(safe_load.url_cache_path(urls['good'], str(hub)))]
