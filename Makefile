@@ -3,12 +3,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Bring your own torch build (e.g. a CUDA one): make install TORCH_SPEC='torch==2.5.1' FORCE_CUDA=1
+# Every pip install takes the exact versions of requirements/constraints.txt (-c).
+# Bring your own torch build (e.g. a CUDA one, see README): make install TORCH_SPEC='torch==2.13.0 --extra-index-url ...' FORCE_CUDA=1
 TORCH_SPEC ?= torch==2.13.0
 MMCV_SPEC ?= mmcv==2.1.0
 MAX_JOBS ?= $(shell nproc)
 STAMP := $(VENV)/.installed
-REQS := requirements/build.txt requirements/runtime.txt requirements/tests.txt requirements/extras.txt setup.py
+CONSTRAINTS := requirements/constraints.txt
+REQS := $(CONSTRAINTS) requirements/build.txt requirements/runtime.txt requirements/tests.txt requirements/extras.txt setup.py
 
 .PHONY: install demo demo-mask test test-slow bench clean
 
@@ -16,14 +18,14 @@ install: $(STAMP)
 
 $(STAMP): $(REQS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade 'pip>=24'
-	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -r requirements/build.txt
+	$(PIP) install -q -c $(CONSTRAINTS) --upgrade pip
+	$(PIP) install -q -c $(CONSTRAINTS) $(TORCH_SPEC)
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/build.txt
 	@# mmcv 2.1.0 ships only as source: compile its ops (NMS, RoIAlign) against the torch above.
 	@# The first build takes ~12 min on 2 cores; pip's wheel cache makes later installs quick.
-	MMCV_WITH_OPS=1 MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation '$(MMCV_SPEC)'
-	$(PIP) install -q -r requirements/runtime.txt -r requirements/tests.txt -r requirements/extras.txt
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	MMCV_WITH_OPS=1 MAX_JOBS=$(MAX_JOBS) $(PIP) install -c $(CONSTRAINTS) --no-build-isolation '$(MMCV_SPEC)'
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/runtime.txt -r requirements/tests.txt -r requirements/extras.txt
+	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation --no-deps -e .
 	$(PY) -c "import mmcv.ops, mmdet, mmdet_vanillanet; from mmcv.ops import nms, RoIAlign; print('stack ok: mmcv', mmcv.__version__, 'mmdet', mmdet.__version__)"
 	touch $(STAMP)
 

@@ -20,6 +20,7 @@ from mmdet.registry import VISUALIZERS
 from .datasets import generate_synthetic_coco
 from .deploy import deploy_detector
 from .precision.compare import PRECISIONS, batch1_dataloader, compare_precisions, seconds_per_image
+from .visualization.training_curves import plot_training_curves, training_log_file
 
 BBOX_MAP_KEY = 'coco/bbox_mAP'
 SEGM_MAP_KEY = 'coco/segm_mAP'
@@ -97,6 +98,7 @@ def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, 
     start = time.perf_counter()
     runner.train()
     train_seconds = time.perf_counter() - start
+    train_log = training_log_file(runner)
     checkpoint = osp.join(cfg.work_dir, f'epoch_{runner.max_epochs}.pth')
 
     runner, metrics = _test_metrics(cfg, checkpoint)
@@ -109,12 +111,14 @@ def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, 
     by_precision = compare_precisions(fused['config'], fused['checkpoint'], osp.join(cfg.work_dir, 'deploy'),
                                       precisions, calibration_images, timed_images)
     fused_metrics, fused_seconds = by_precision['fp32']['metrics'], by_precision['fp32']['seconds_per_image']
+    curves = plot_training_curves(train_log, osp.join(cfg.work_dir, 'training_curves.png'),
+                                  final=dict(trained=metrics, fused=fused_metrics))
 
     summary = dict(
         bbox_mAP=metrics[BBOX_MAP_KEY], fused_bbox_mAP=fused_metrics[BBOX_MAP_KEY],
         segm_mAP=metrics.get(SEGM_MAP_KEY), fused_segm_mAP=fused_metrics.get(SEGM_MAP_KEY),
         train_seconds=train_seconds, seconds_per_image=seconds, fused_seconds_per_image=fused_seconds,
-        max_deviation=fused['max_rel'], picture=picture, checkpoint=checkpoint,
+        max_deviation=fused['max_rel'], picture=picture, curves=curves, checkpoint=checkpoint,
         fused_checkpoint=fused['checkpoint'], fused_config=fused['config'],
         precisions={name: dict(bbox_mAP=result['metrics'][BBOX_MAP_KEY], segm_mAP=result['metrics'].get(SEGM_MAP_KEY),
                                max_rel=result['max_rel'], seconds_per_image=result['seconds_per_image'])
@@ -151,6 +155,7 @@ def format_summary(summary):
         f"largest output deviation after fusing (relative): {summary['max_deviation']:.1e}",
         *_precision_lines(summary.get('precisions') or {}),
         f"predictions (left: ground truth, right: predicted): {summary['picture']}",
+        f"training loss and validation mAP: {summary['curves']}",
         f"checkpoints: {summary['checkpoint']}",
         f"             {summary['fused_checkpoint']} (config {summary['fused_config']})",
         '==============================================',

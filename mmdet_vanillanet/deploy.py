@@ -14,13 +14,12 @@ from collections.abc import Mapping
 import torch
 from mmengine.config import Config
 
-from .checkpoint.key_layout import (VanillaNetWeightsError, check_backbone_state_dict, count_parameters,
-                                    select_state_dict, strip_module_prefix)
+from .checkpoint.key_layout import count_parameters, select_state_dict, strip_module_prefix
 from .checkpoint.safe_load import read_checkpoint
-from .detector_utils import (build_detector, detector_outputs, find_vanillanets, fuse_vanillanets,
-                             is_vanillanet_cfg, random_batch, relative_deviation, vanillanet_cfgs)
+from .detector_utils import (NonFiniteOutputsError, build_detector, check_detector_state_dict, detector_outputs,
+                             find_vanillanets, fuse_vanillanets, is_vanillanet_cfg, random_batch, relative_deviation,
+                             vanillanet_cfgs)
 from .engine.act_learn_hook import META_KEY as ACT_LEARN_META_KEY
-from .models import VanillaNet
 
 # Checkpoint meta entries carried over to the deploy checkpoint (plain data only).
 KEPT_META = ('dataset_meta', 'epoch', 'iter', 'experiment_name', 'mmengine_version', 'seed')
@@ -111,19 +110,7 @@ def load_detector_checkpoint(model, path):
     has_state_dict = isinstance(checkpoint, Mapping) and 'state_dict' in checkpoint
     state_dict, picked = select_state_dict(checkpoint, 'state_dict' if has_state_dict else None)
     state_dict, _ = strip_module_prefix(state_dict)
-    for name, module in model.named_modules():
-        if isinstance(module, VanillaNet):
-            prefix = name + '.'
-            part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            check_backbone_state_dict(module, part, source=f'{path} ({picked}, {prefix}*)')
-    model_keys = set(model.state_dict())
-    missing = sorted(model_keys - set(state_dict))
-    unexpected = sorted(set(state_dict) - model_keys)
-    if missing or unexpected:
-        raise VanillaNetWeightsError(
-            f'{path} does not fit the detector of the config: {len(missing)} missing keys '
-            f'({", ".join(missing[:5])}), {len(unexpected)} unexpected keys ({", ".join(unexpected[:5])}). '
-            'Is it a checkpoint of this config?')
+    check_detector_state_dict(model, state_dict, source=f'{path} ({picked})')
     model.load_state_dict(state_dict, strict=True)
     meta = checkpoint.get('meta') or {}
     if meta.get(ACT_LEARN_META_KEY) is not None:
@@ -158,7 +145,9 @@ def deploy_detector(config, checkpoint, out_dir, shape=(320, 320), num_images=2,
     fused = fuse_vanillanets(model)
     after, _ = detector_outputs(model, inputs, data_samples, proposals)
     try:
-        result = relative_deviation(before, after)
+        result = relative_deviation(before, after, names=('the detector before fusing', 'the fused detector'))
+    except NonFiniteOutputsError as err:
+        raise DeployCheckError(f'{err} Nothing was written.') from None
     except ValueError as err:
         raise DeployCheckError(f'The fused detector returns other outputs: {err}') from None
     if result['max_rel'] > tolerance:

@@ -3,11 +3,13 @@
 One home for each of these, used by deploy, export, the hooks, the demo and the benchmark:
 
 - :func:`vanillanet_cfgs` / :func:`find_vanillanets`: every VanillaNet in a model config / a built model;
+- :func:`check_detector_state_dict`: whether weights fit a detector exactly, misfits in words;
 - :func:`build_detector`: a config's detector without reading its backbone's pretrained weights;
 - :func:`fuse_vanillanets`: ``switch_to_deploy()`` on every VanillaNet of a detector;
 - :func:`padded_shape`, :func:`random_batch`: inputs the way the detector's data preprocessor pads them;
 - :func:`detector_outputs`, :func:`flatten_tensors`: what a detector computes, as a flat list of tensors;
-- :func:`relative_deviation`: the one definition of how far two sets of outputs are apart;
+- :func:`relative_deviation`: the one definition of how far two sets of outputs are apart (non-finite
+  values fail it: :class:`NonFiniteOutputsError`);
 - :func:`quiet_mmengine`: build and initialise without mmengine's per-parameter INFO lines.
 """
 import copy
@@ -25,6 +27,8 @@ from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 
+from .checkpoint.key_layout import (VanillaNetWeightsError, check_backbone_state_dict, difference_lines,
+                                    key_differences)
 from .models import VanillaNet
 
 
@@ -61,6 +65,32 @@ def find_vanillanets(model):
     if is_model_wrapper(model):
         model = model.module
     return [module for module in model.modules() if isinstance(module, VanillaNet)]
+
+
+def check_detector_state_dict(model, state_dict, source='the checkpoint'):
+    """Raise :class:`VanillaNetWeightsError` unless ``state_dict`` has exactly the model's keys and shapes.
+
+    Each VanillaNet's own keys are checked first, so that a misfit there is explained in words
+    (``act_num``, ``deploy``, widths); then every other key (neck, heads, ...) and shape. A missing
+    ``num_batches_tracked`` is no misfit (loading fills it with 0).
+
+    Args:
+        model (nn.Module): the detector (a DDP / model wrapper is unwrapped).
+        state_dict (Mapping[str, Tensor]): its weights, without the ``module.`` prefix.
+        source (str): where the weights come from, for the message. Default: 'the checkpoint'.
+    """
+    if is_model_wrapper(model):
+        model = model.module
+    for name, module in model.named_modules():
+        if isinstance(module, VanillaNet):
+            prefix = f'{name}.' if name else ''
+            part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            check_backbone_state_dict(module, part, source=f'{source} ({prefix or "no prefix"}*)')
+    differences = key_differences(state_dict, model.state_dict())
+    if any(differences.values()):
+        raise VanillaNetWeightsError('\n'.join(
+            [f'{source} does not fit the detector of the config:'] + difference_lines(differences)
+            + ['Is it a checkpoint of this config? (Weights are loaded strictly: every key and shape must match.)']))
 
 
 @contextmanager
@@ -182,25 +212,65 @@ def detector_outputs(model, inputs, data_samples, proposals=None):
     return [t.detach().clone() for t in flatten_tensors(outputs)], proposals
 
 
-def relative_deviation(reference, outputs):
+class NonFiniteOutputsError(ValueError):
+    """Compared outputs hold NaN or infinite values: no deviation can be measured, the check fails.
+
+    Args:
+        message (str): which side's outputs hold what, e.g. "outputs: output 3 holds 12 NaN".
+    """
+
+
+def non_finite_description(tensors):
+    """What non-finite values a list of tensors holds, one phrase per tensor ("output 3 holds 12 NaN").
+
+    Args:
+        tensors (Sequence[Tensor]): the outputs, counted from 0.
+
+    Returns:
+        list[str]: empty when every value is finite.
+    """
+    phrases = []
+    for index, tensor in enumerate(tensors):
+        tensor = tensor.detach()
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        counts = [(int(torch.isnan(tensor).sum()), 'NaN'), (int(torch.isposinf(tensor).sum()), '+Inf'),
+                  (int(torch.isneginf(tensor).sum()), '-Inf')]
+        held = ' and '.join(f'{count} {kind}' for count, kind in counts if count)
+        phrases.append(f'output {index} holds {held} (of {tensor.numel()} values)')
+    return phrases
+
+
+def relative_deviation(reference, outputs, names=('reference', 'outputs')):
     """How far ``outputs`` are from ``reference``: the worst, over the paired tensors, of max |a - b| / max |a|.
 
     Each tensor is measured against its own largest magnitude, so a small output (box deltas beside
     logits, a fine feature map beside a coarse one) counts as much as a large one; an all-zero reference
-    tensor is measured absolutely. This one definition is what ``tools/deploy.py`` (1e-3),
-    ``tools/export_onnx.py`` (1e-4), the benchmark and the layout tests report.
+    tensor is measured absolutely. A NaN or infinite value on either side is no deviation but a failure
+    (:class:`NonFiniteOutputsError`): compared by magnitude it would vanish. This one definition is what
+    ``tools/deploy.py`` (1e-3), ``tools/export_onnx.py`` (1e-4), the benchmark and the layout tests report.
 
     Args:
         reference (Sequence[Tensor]): the reference outputs.
         outputs (Sequence[Tensor]): the outputs to check, same number and shapes.
+        names (tuple[str, str]): what the two sides are, for the messages. Default: ('reference', 'outputs').
 
     Returns:
         dict: ``max_rel`` (the deviation), ``max_abs`` (the largest absolute difference), ``num_tensors``.
+
+    Raises:
+        ValueError: the two sides differ in number or shapes of tensors.
+        NonFiniteOutputsError: a NaN or infinite value on either side.
     """
     reference, outputs = list(reference), list(outputs)
     shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in outputs]
     if shapes[0] != shapes[1]:
-        raise ValueError(f'Cannot compare outputs of different shapes: {shapes[1]} against {shapes[0]}.')
+        raise ValueError(f'Cannot compare outputs of different shapes: {names[1]} {shapes[1]} against '
+                         f'{names[0]} {shapes[0]}.')
+    non_finite = [f'{name}: {"; ".join(phrases)}' for name, phrases in
+                  zip(names, (non_finite_description(reference), non_finite_description(outputs))) if phrases]
+    if non_finite:
+        raise NonFiniteOutputsError(f'Non-finite values, no deviation can be measured: {". ".join(non_finite)}.')
     max_rel = max_abs = 0.0
     for ref, out in zip(reference, outputs):
         if not ref.numel():

@@ -11,6 +11,7 @@ with NMS and pools them with RoIAlign, mmcv ops without ONNX symbolics outside M
 import os
 import os.path as osp
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from mmengine.config import Config
 from mmdet.models.detectors import SingleStageDetector
 
 from .deploy import load_detector_checkpoint
-from .detector_utils import (build_detector, flatten_tensors, fuse_vanillanets, padded_shape, quiet_mmengine,
-                             relative_deviation)
+from .detector_utils import (NonFiniteOutputsError, build_detector, flatten_tensors, fuse_vanillanets,
+                             padded_shape, quiet_mmengine, relative_deviation)
 from .models import VanillaNet
 
 DEFAULT_OPSET = 17
@@ -84,9 +85,15 @@ def export_onnx(model, path, example, input_names, output_names, dynamic_axes=No
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     model.eval()
     with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the dynamo one (which needs onnxscript), and
-        # the backbone's input checks are Python conditions the tracer reports; both warnings are expected.
-        warnings.simplefilter('ignore')
+        # Two warnings are expected and silenced; every other one (a TracerWarning from a data-dependent
+        # branch of a neck or head, say: the graph may then hold only the branch taken) is shown.
+        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript (it says
+        # so, and its own code calls deprecated functions):
+        warnings.filterwarnings('ignore', message='You are using the legacy TorchScript-based ONNX export',
+                                category=DeprecationWarning)
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx\.')
+        # the backbone's input checks (channels, smallest size) are Python conditions on the input shape:
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning, module=VanillaNet.__module__)
         torch.onnx.export(model, (example,), path, input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
     return path
@@ -175,7 +182,9 @@ def check_onnx(session, module, inputs, tolerance=1e-4):
         reference = flatten_tensors(module(inputs))
     outputs = run_onnx(session, inputs)
     try:
-        result = relative_deviation(reference, outputs)
+        result = relative_deviation(reference, outputs, names=('PyTorch', 'ONNX Runtime'))
+    except NonFiniteOutputsError as err:
+        raise ONNXExportError(f'The exported graph cannot be checked: {err}') from None
     except ValueError as err:
         raise ONNXExportError(f'ONNX Runtime returned other outputs than PyTorch: {err}') from None
     if result['max_rel'] > tolerance:
@@ -213,6 +222,23 @@ def export_from_config(config, out, checkpoint=None, what='backbone', shape=(800
         if checkpoint:
             load_detector_checkpoint(model, checkpoint)
     fuse_vanillanets(model)
+    with _deleted_on_failure(out):
+        return _export_and_check(model, out, what, shape, dynamic, opset, tolerance, seed, checkpoint)
+
+
+@contextmanager
+def _deleted_on_failure(path):
+    """Delete ``path`` if the block raises: a graph that failed its export or its check is not left behind."""
+    try:
+        yield
+    except BaseException:
+        if osp.exists(path):
+            os.remove(path)
+        raise
+
+
+def _export_and_check(model, out, what, shape, dynamic, opset, tolerance, seed, checkpoint):
+    """The export and check of :func:`export_from_config`, on the fused detector ``model``."""
     height, width = shape
     if what == 'backbone':
         if not isinstance(model.backbone, VanillaNet):

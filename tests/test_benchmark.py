@@ -1,6 +1,8 @@
 """tools/benchmark.py and mmdet_vanillanet.analysis: the tool runs (tiny sizes) and its numbers agree.
 
-No timed assertions: timings on a shared machine prove nothing; the structure and the counts do.
+No timed assertions: timings on a shared machine prove nothing; the structure and the counts do. The
+derived columns (speed-ups, GFLOP/s, the GEMM roofline) are checked on a fixed clock, whose known
+seconds give known values.
 """
 import importlib.util
 import json
@@ -14,6 +16,8 @@ import torch
 from mmdet_vanillanet import cpu_support
 from mmdet_vanillanet.analysis import (complexity, gemm_bound_seconds, gemm_throughput, time_call,
                                        time_interleaved)
+from mmdet_vanillanet.analysis import groups
+from mmdet_vanillanet.analysis.latency import Timing
 from mmdet_vanillanet.analysis.options import FAST_ROW, TRAIN_ROW
 from mmdet_vanillanet.analysis.models import DETECTORS, build_detector, detector_config
 from mmdet_vanillanet.analysis.training_cost import training_cost
@@ -31,10 +35,30 @@ def load_tool(name):
     return module
 
 
-def run_tool(tmp_path, capsys, *args):
+def fixed_seconds(name):
+    """The seconds the fixed clock gives a row: known inputs, so every derived column has a known value."""
+    if name.startswith('GEMM: torch.mm'):
+        return 1.0
+    for part, seconds in (('ONNX', 0.5), ('training structure', 4.0), ('fused', 1.0)):
+        if part in name:
+            return seconds
+    return 2.0  # the oneDNN GEMM row
+
+
+def fixed_clock(fns, warmup=1, repeats=5, device='cpu'):
+    """``time_interleaved`` with a fixed clock: every call runs once; its times are (0.5, 1, 3) x its seconds."""
+    timings = {}
+    for name, fn in fns.items():
+        fn()
+        timings[name] = Timing([0.5 * fixed_seconds(name), fixed_seconds(name), 3 * fixed_seconds(name)])
+    return timings
+
+
+def run_tool(tmp_path, capsys, monkeypatch, *args):
+    monkeypatch.setattr(groups, 'time_interleaved', fixed_clock)
     out = tmp_path / 'bench.json'
     load_tool('benchmark').main(['--quiet', '--shape', '64', '96', '--repeats', '1', '--warmup', '0',
-                                 '--gemm-size', '256', '--arch', TINY_ARCH, '--act-num', '2', '--json', str(out),
+                                 '--gemm-size', '500', '--arch', TINY_ARCH, '--act-num', '2', '--json', str(out),
                                  *args])
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -42,30 +66,31 @@ def run_tool(tmp_path, capsys, *args):
     return table, result, rows
 
 
-def test_backbone_and_onnx_rows_are_consistent(tmp_path, capsys):
-    table, result, rows = run_tool(tmp_path, capsys, '--only', 'backbone', 'onnx')
+def test_backbone_and_onnx_rows_are_consistent(tmp_path, capsys, monkeypatch):
+    table, result, rows = run_tool(tmp_path, capsys, monkeypatch, '--only', 'backbone', 'onnx')
     # one table, with what reproduces it
     for needle in ('machine:', 'versions:', 'torch 2', 'load average', 'command: `python tools/benchmark.py',
                    '| section | configuration |', 'Targets:'):
         assert needle in table
     assert sum(line.startswith('|---') for line in table.splitlines()) == 1
     backbone = {name: r for (section, name), r in rows.items() if section == 'backbone'}
-    gemm = next(r for name, r in backbone.items() if name.startswith('GEMM: torch.mm'))
     train, fused = backbone[TRAIN_ROW], backbone[FAST_ROW]
     assert fused['flops'] < train['flops'] and fused['params'] < train['params']
     for name in ('fused, NCHW (plain PyTorch)', 'fused + channels_last', 'fused, ONNX Runtime (CPU)'):
         assert backbone[name]['flops'] == fused['flops'] and backbone[name]['params'] == fused['params']
     assert backbone['training structure, NCHW']['flops'] == train['flops']
-    # the derived columns follow from the measured ones
-    for name, row in backbone.items():
-        assert row['seconds'] > 0 and row['seconds_min'] <= row['seconds']
-        if name.startswith('GEMM'):
-            assert row['gemm_share'] == pytest.approx(row['gflops'] / gemm['gflops'])
-            continue
-        assert row['speedup'] == pytest.approx(train['seconds'] / row['seconds'])
-        assert row['gflops'] == pytest.approx(2 * row['flops'] / row['seconds'] / 1e9)
-        assert row['gemm_share'] == pytest.approx(row['gflops'] / gemm['gflops'])
-        assert row['bound_ratio'] == pytest.approx(row['seconds'] / gemm_bound_seconds(row['flops'], gemm['gflops']))
+    # the clock's fixed seconds give known columns: median and min, speed-ups against the training structure
+    gemm = next(r for name, r in backbone.items() if name.startswith('GEMM: torch.mm'))
+    assert gemm['gflops'] == pytest.approx(0.25)  # 2 x 500^3 FLOPs in 1 s
+    assert (train['seconds'], train['seconds_min'], fused['seconds'], fused['seconds_min']) == (4.0, 2.0, 1.0, 0.5)
+    assert fused['speedup'] == pytest.approx(4.0)
+    assert backbone['fused, ONNX Runtime (CPU)']['speedup'] == pytest.approx(8.0)
+    assert backbone['training structure, NCHW']['speedup'] == pytest.approx(1.0)
+    assert fused['gflops'] == pytest.approx(2 * fused['flops'] / 1e9)  # 2 FLOPs per counted MAC, in 1 s
+    for name, row in backbone.items():  # "x GEMM-bound" and "of GEMM" are two views of one ratio
+        if not name.startswith('GEMM'):
+            assert row['bound_ratio'] * row['gemm_share'] == pytest.approx(1.0), name
+    assert f'{fused["bound_ratio"]:.2f}x the GEMM-bound time' in table and '4.00x faster than the training' in table
     # fusing and exporting change nothing but rounding
     for name in ('fused, NCHW (plain PyTorch)', 'fused + channels_last', FAST_ROW):
         assert backbone[name]['extra']['fused_vs_training_max_rel'] < 1e-4
@@ -73,12 +98,12 @@ def test_backbone_and_onnx_rows_are_consistent(tmp_path, capsys):
     assert set(result['targets']) == {'bound_ratio', 'bound_ok', 'speedup', 'speedup_ok'}
 
 
-def test_detector_rows_fused_counts_below_training_counts(tmp_path, capsys):
-    _, _, rows = run_tool(tmp_path, capsys, '--only', 'complexity', 'detector', '--detectors', 'retinanet',
-                          '--baselines')
+def test_detector_rows_fused_counts_below_training_counts(tmp_path, capsys, monkeypatch):
+    _, _, rows = run_tool(tmp_path, capsys, monkeypatch, '--only', 'complexity', 'detector', '--detectors',
+                          'retinanet', '--baselines')
     train, fused = rows[('RetinaNet', 'VanillaNet, training structure')], rows[('RetinaNet', 'VanillaNet, fused')]
     assert fused['flops'] < train['flops'] and fused['params'] < train['params']
-    assert fused['seconds'] > 0 and train['speedup'] == pytest.approx(1.0)
+    assert (fused['seconds'], fused['speedup']) == (1.0, pytest.approx(4.0))  # against the training structure
     assert 0 < fused['extra']['series_activation_flops'] < fused['flops']
     # the same neck and head: the difference is the backbone's
     with torch.device('meta'):
@@ -86,8 +111,6 @@ def test_detector_rows_fused_counts_below_training_counts(tmp_path, capsys):
         fused_backbone = VanillaNet(arch=json.loads(TINY_ARCH), act_num=2, out_indices=(1, 8, 10), deploy=True)
     saved = sum(p.numel() for p in backbone.parameters()) - sum(p.numel() for p in fused_backbone.parameters())
     assert train['params'] - fused['params'] == saved
-
-
 @pytest.mark.parametrize('detector, paper_millions', [('retinanet', 75.4), ('mask-rcnn', 77.1)])
 def test_fused_vanillanet13_detectors_have_the_papers_parameter_counts(detector, paper_millions):
     counts = {}
@@ -131,8 +154,8 @@ def test_training_cost_of_one_step():
 
 
 @pytest.mark.slow
-def test_training_group_runs_each_configuration_in_its_own_process(tmp_path, capsys):
-    table, result, rows = run_tool(tmp_path, capsys, '--only', 'training', '--train-shape', '64', '64',
+def test_training_group_runs_each_configuration_in_its_own_process(tmp_path, capsys, monkeypatch):
+    table, result, rows = run_tool(tmp_path, capsys, monkeypatch, '--only', 'training', '--train-shape', '64', '64',
                                    '--train-batch', '1', '--train-steps', '1', '--train-rounds', '1')
     assert {name for section, name in rows if section == 'training step'} == {
         'RetinaNet, training structure, with_cp=False', 'RetinaNet, training structure, with_cp=True'}

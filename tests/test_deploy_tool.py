@@ -251,6 +251,34 @@ def test_relative_deviation_measures_each_output_against_its_own_scale():
         relative_deviation(reference, [torch.zeros(3), torch.zeros(2), torch.zeros(2)])
 
 
+def test_relative_deviation_fails_on_non_finite_values_and_names_them():
+    from mmdet_vanillanet.detector_utils import NonFiniteOutputsError, relative_deviation
+    finite = [torch.ones(3), torch.ones(2, 2)]
+    with pytest.raises(NonFiniteOutputsError, match=r'outputs: output 1 holds 2 NaN \(of 4 values\)'):
+        relative_deviation(finite, [torch.ones(3), torch.tensor([[1.0, float('nan')], [float('nan'), 1.0]])])
+    with pytest.raises(NonFiniteOutputsError, match=r'reference: output 0 holds 1 \+Inf and 1 -Inf'):
+        relative_deviation([torch.tensor([1.0, float('inf'), -float('inf')]), torch.ones(2, 2)], finite)
+    # the same NaN on both sides is no agreement
+    both = [torch.tensor([float('nan')])]
+    with pytest.raises(NonFiniteOutputsError, match='reference: output 0 holds 1 NaN.*outputs: output 0 holds 1 NaN'):
+        relative_deviation(both, both)
+
+
+def test_deploy_refuses_a_detector_with_non_finite_outputs(tmp_path):
+    """A diverged training's weights: NaN box deltas and infinite scores. Nothing is written."""
+    from mmdet_vanillanet.deploy import DeployCheckError
+    config = write_config(tmp_path)
+    model = train_tiny_detector(config, steps=0)
+    with torch.no_grad():
+        model.bbox_head.retina_reg.bias[0] = float('nan')
+        model.bbox_head.retina_cls.bias[0] = float('inf')
+    checkpoint = save_checkpoint(model, tmp_path / 'diverged.pth')
+    with pytest.raises(DeployCheckError, match=r'the detector before fusing: output 0 holds \d+ \+Inf .*'
+                                               r'output 3 holds \d+ NaN .*Nothing was written'):
+        deploy_detector(config, checkpoint, str(tmp_path / 'out'))
+    assert not (tmp_path / 'out').exists()
+
+
 def test_building_a_detector_leaves_the_callers_default_scope(tmp_path):
     from mmengine.registry import DefaultScope, init_default_scope
     from mmdet_vanillanet.detector_utils import build_detector

@@ -85,26 +85,57 @@ def test_cpu_process_group_setup(tmp_path, monkeypatch):
     assert (tmp_path / 'work' / 'epoch_1.pth').is_file()
 
 
+def assert_equal_to_one_process(data, tmp_path, distributed_dir):
+    """Train the same FCOS in one process with the whole batch (4); its epoch-2 weights must equal those in
+    ``distributed_dir`` (within float rounding), and differ clearly from its epoch-1 weights."""
+    one = fcos_config(tmp_path / 'one.py', data, batch_size=4)
+    load_tool('train').main([one, '--work-dir', str(tmp_path / 'one')])
+    start = load_checkpoint_file(tmp_path / 'one' / 'epoch_1.pth')['state_dict']
+    single = load_checkpoint_file(tmp_path / 'one' / 'epoch_2.pth')['state_dict']
+    distributed = load_checkpoint_file(distributed_dir / 'epoch_2.pth')['state_dict']
+    assert single.keys() == distributed.keys()
+    deviation = max(float((single[k].double() - distributed[k].double()).abs().max()) for k in single)
+    moved = max(float((single[k].double() - start[k].double()).abs().max()) for k in single)
+    assert deviation < 1e-6 < 1e-3 < moved, (deviation, moved)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_total_batch(tmp_path):
     data = make_data(tmp_path / 'data')
     two = fcos_config(tmp_path / 'two.py', data, batch_size=2)
-    one = fcos_config(tmp_path / 'one.py', data, batch_size=4)
     env = tool_env(PYTHON=sys.executable, PORT=str(free_port()))
     result = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), two, '2', '--work-dir',
                              str(tmp_path / 'two')], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert 'GPU number: 2' in log and 'SyncBN cannot synchronise' in log
-    load_tool('train').main([one, '--work-dir', str(tmp_path / 'one')])
+    assert_equal_to_one_process(data, tmp_path, tmp_path / 'two')
 
-    start = load_checkpoint_file(tmp_path / 'one' / 'epoch_1.pth')['state_dict']
-    single = load_checkpoint_file(tmp_path / 'one' / 'epoch_2.pth')['state_dict']
-    distributed = load_checkpoint_file(tmp_path / 'two' / 'epoch_2.pth')['state_dict']
-    assert single.keys() == distributed.keys()
-    deviation = max(float((single[k].double() - distributed[k].double()).abs().max()) for k in single)
-    moved = max(float((single[k].double() - start[k].double()).abs().max()) for k in single)
-    assert deviation < 1e-6 < 1e-3 < moved, (deviation, moved)
+
+@pytest.mark.slow  # about 15 s of two training processes, beside the one above
+def test_two_nodes_of_one_process_equal_one_process(tmp_path):
+    """Multi-node through tools/dist_train.sh: NNODES, NODE_RANK, MASTER_ADDR and PORT, as mmdet's script takes
+    them; two "nodes" of one process each on 127.0.0.1, each with its own work dir (as on two machines)."""
+    data = make_data(tmp_path / 'data')
+    two = fcos_config(tmp_path / 'two.py', data, batch_size=2)
+    port = str(free_port())
+    nodes = [subprocess.Popen(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), two, '1', '--work-dir',
+                               str(tmp_path / f'node{rank}')], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=tool_env(PYTHON=sys.executable, NNODES='2', NODE_RANK=str(rank),
+                                           MASTER_ADDR='127.0.0.1', PORT=port))
+             for rank in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=600)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        pytest.fail('the two nodes did not finish within 10 minutes')
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert 'GPU number: 2' in logs[0]
+    assert not list((tmp_path / 'node1').glob('epoch_*.pth'))  # rank 0 (node 0) writes the checkpoints
+    assert_equal_to_one_process(data, tmp_path, tmp_path / 'node0')
 
 
 @pytest.mark.parametrize('script, args', [('dist_train.sh', ['1']), ('dist_test.sh', ['missing.pth', '1'])])

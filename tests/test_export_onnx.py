@@ -1,6 +1,7 @@
 """ONNX export: the fused backbone and a single-stage detector, reproduced by ONNX Runtime (CPU)."""
 import importlib.util
 import os.path as osp
+import warnings
 
 import onnx
 import pytest
@@ -9,7 +10,7 @@ import torch.nn as nn
 
 from mmdet.registry import MODELS
 from mmdet_vanillanet.export import (ONNXExportError, DetectorTensorOutputs, check_onnx, export_backbone,
-                                     export_detector, onnx_session, run_onnx)
+                                     export_detector, export_onnx, onnx_session, run_onnx)
 from mmdet_vanillanet.models import VanillaNet
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -131,3 +132,63 @@ def test_export_tool_fuses_exports_and_checks(tmp_path, capsys, what):
     # the fused structure was exported: no BatchNormalization, one Conv per 1x1 and per activation
     ops = [node.op_type for node in model.graph.node]
     assert 'BatchNormalization' not in ops
+    convs = conv_kernels(model)
+    num_blocks = 4  # the arch of TOOL_CONFIG; FPN adds a 1x1 lateral and a 3x3 conv per level, the head 3x3s
+    assert convs['stem 4x4'] == 1 and convs['depthwise 5x5'] == num_blocks + 1
+    assert convs['1x1'] == num_blocks + (3 if what == 'detector' else 0)
+    assert set(convs) <= {'stem 4x4', 'depthwise 5x5', '1x1', '3x3'} and ('3x3' in convs) == (what == 'detector')
+
+
+def conv_kernels(model):
+    """How many Conv nodes of each kind an ONNX graph holds: 'stem 4x4', 'depthwise 5x5', '1x1', '3x3'."""
+    kinds = {}
+    for node in model.graph.node:
+        if node.op_type == 'Conv':
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            size = 'x'.join(map(str, attrs['kernel_shape']))
+            kind = {'4x4': 'stem 4x4', '5x5': 'depthwise 5x5'}.get(size, size)
+            if kind == 'depthwise 5x5':
+                assert attrs.get('group', 1) > 1, 'a 5x5 activation conv that is not depthwise'
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+@pytest.mark.parametrize('failure', ['non-finite', 'tolerance'])
+def test_a_failed_check_leaves_no_onnx_file(tmp_path, failure):
+    """Weights that make the backbone compute NaN, or a tolerance below float rounding: the check fails, says
+    why, and the .onnx is deleted.
+
+    (With NaN, PyTorch's oneDNN fast path returns zeros: its fused ReLU maps NaN to 0; the graph keeps the NaN.)
+    """
+    from mmengine.config import Config
+    from mmdet_vanillanet.detector_utils import build_detector
+    config = tmp_path / 'tiny_retinanet.py'
+    config.write_text(TOOL_CONFIG)
+    model = build_detector(Config.fromfile(str(config)).model, init_weights=True)
+    if failure == 'non-finite':
+        with torch.no_grad():
+            model.backbone.stages[1].conv1[0].bias[0] = float('nan')
+    torch.save(dict(state_dict=model.state_dict()), tmp_path / 'weights.pth')
+    out = tmp_path / 'backbone.onnx'
+    args, message = {'non-finite': ([], r'cannot be checked: .*ONNX Runtime: output 1 holds \d+ NaN'),
+                     'tolerance': (['--tolerance', '1e-12'], r'deviates from PyTorch by .* more than 1e-12')}[failure]
+    with pytest.raises(SystemExit, match=message):
+        load_tool('export_onnx').main([str(config), str(out), '--checkpoint', str(tmp_path / 'weights.pth'),
+                                       '--shape', '64', '80', *args])
+    assert not out.exists()
+
+
+class DataDependent(nn.Module):
+    """A forward whose branch depends on the values: a trace records only the branch taken."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_export_shows_warnings_except_the_two_expected_ones(tmp_path):
+    with pytest.warns(torch.jit.TracerWarning, match='Python boolean'):
+        export_onnx(DataDependent(), str(tmp_path / 'branch.onnx'), torch.ones(1, 3, 8, 8), ['input'], ['out'])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        export_backbone(fused_net(), str(tmp_path / 'backbone.onnx'), shape=(1, 3, 64, 64))
+    assert not [str(w.message) for w in caught]

@@ -1,4 +1,4 @@
-"""Untrusted files: no loading path of the tools runs code pickled into a checkpoint.
+"""Untrusted files: no loading path of the tools runs code pickled into a checkpoint; downloads that fail.
 
 A payload whose unpickling would create a marker file goes through every entry point that reads a
 checkpoint: resume, evaluation, weight conversion, deploy, and the backbone's ``init_cfg``, as a local
@@ -7,9 +7,15 @@ URL) and the refused global; the marker never appears. Good checkpoints over the
 """
 import functools
 import http.server
+import json
 import os
+import os.path as osp
 import pickle
+import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +24,7 @@ from mmengine.runner import CheckpointLoader
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import UnsafeCheckpointError, safe_load
 from mmdet_vanillanet.models import VanillaNet
-from tiny_detector import load_tool, make_data, write_config
+from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
 
 
 class Payload:
@@ -151,7 +157,7 @@ def test_a_refused_download_leaves_the_cache(server, tmp_path, torch_hub_cache):
     url = next(write_payload(tmp_path, 'zip', 'url', server))
     with refused(url) as error:
         CheckpointLoader.load_checkpoint(url)
-    assert 'Its download was deleted from the cache' in str(error.value)
+    assert f'Its download was deleted from the cache ({safe_load.url_cache_path(url)})' in str(error.value)
     assert not list(torch_hub_cache.iterdir())
 
 
@@ -199,7 +205,8 @@ def test_good_checkpoints_over_the_same_server_load(setup, server, tmp_path, tor
     net.init_weights()
     for key, value in source.state_dict().items():
         assert torch.equal(net.state_dict()[key], value), key
-    assert (torch_hub_cache / 'backbone.pth').is_file()
+    assert osp.isfile(safe_load.url_cache_path(f'{base}/backbone.pth'))
+    assert osp.dirname(safe_load.url_cache_path(f'{base}/backbone.pth')).startswith(str(torch_hub_cache))
 
     root, config = setup
     work_dir = tmp_path / 'work'
@@ -209,3 +216,86 @@ def test_good_checkpoints_over_the_same_server_load(setup, server, tmp_path, tor
     load_tool('train').main([config, '--work-dir', str(work_dir), '--resume', f'{base}/epoch_1.pth',
                              '--cfg-options', 'train_cfg.max_epochs=2'])
     assert (work_dir / 'epoch_2.pth').is_file()
+
+
+# ---- downloads that fail, or serve something else than a checkpoint --------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_addresses_never_share_a_cache_file(server, torch_hub_cache):
+    """Two files of one name from two addresses (two releases, two hosts) are two cache files."""
+    folder, base = server
+    for sub, value in (('v1', 1.0), ('v2', 2.0)):
+        (folder / sub).mkdir(exist_ok=True)
+        torch.save({'w': torch.full((1,), value)}, folder / sub / 'model.pth')
+    assert float(CheckpointLoader.load_checkpoint(f'{base}/v1/model.pth')['w']) == 1.0
+    assert float(CheckpointLoader.load_checkpoint(f'{base}/v2/model.pth')['w']) == 2.0
+    assert len([p for p in torch_hub_cache.rglob('model.pth')]) == 2
+
+
+@pytest.mark.parametrize('served, message', [
+    (b'<html><body>Please log in</body></html>', r"is not a PyTorch checkpoint: it starts with b'<html>"),
+    (b'\x80\x02}q\x00garbage', r'holds malformed pickle data'),
+])
+def test_a_download_that_does_not_load_is_deleted_and_the_error_says_where_it_was(server, torch_hub_cache, served,
+                                                                                  message):
+    folder, base = server
+    name = f'release_{len(served)}.pth'
+    (folder / name).write_bytes(served)
+    url = f'{base}/{name}'
+    cached = safe_load.url_cache_path(url)
+    with pytest.raises(safe_load.CheckpointDownloadError, match=message) as error:
+        CheckpointLoader.load_checkpoint(url)
+    assert f'deleted from the cache ({cached})' in str(error.value) and url in str(error.value)
+    assert not osp.exists(cached)
+    # the address serves the checkpoint now: the next run downloads it, instead of reading the old download
+    torch.save({'w': torch.ones(1)}, folder / name)
+    assert set(CheckpointLoader.load_checkpoint(url)) == {'w'}
+
+
+def test_every_process_of_a_distributed_run_raises_the_same_error(server, tmp_path, torch_hub_cache):
+    """Two gloo processes on 127.0.0.1 load addresses that fail in every way, then a good one.
+
+    Before, rank 0 raised before the barrier the other processes waited at: they waited forever. A hang
+    here fails the test at its timeout.
+    """
+    folder, base = server
+    (folder / 'login.pth').write_text('<html>Please log in</html>')
+    torch.save({'state_dict': {'w': torch.ones(1)}}, folder / 'good.pth')
+    payload = next(write_payload(tmp_path, 'zip', 'url', server))
+    urls = dict(missing=f'{base}/missing.pth', refused=f'http://127.0.0.1:{free_port()}/x.pth',
+                login=f'{base}/login.pth', payload=payload, good=f'{base}/good.pth')
+    port, env = free_port(), tool_env(TORCH_HOME=str(tmp_path / 'torch_home'))
+    worker = osp.join(ROOT, 'tests', 'url_loading_worker.py')
+    processes = [subprocess.Popen([sys.executable, worker, str(rank), '2', str(port), str(tmp_path / f'{rank}.json'),
+                                   *urls.values()], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+                 for rank in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail('the processes hung')
+    finally:
+        for process in processes:
+            process.kill()
+    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f'{rank}.json').read_text()) for rank in (0, 1))
+    assert rank0 == rank1
+    outcome = {name: rank0[url] for name, url in urls.items()}
+    assert outcome['missing'].startswith('CheckpointDownloadError: Cannot download checkpoint') \
+        and 'HTTP Error 404' in outcome['missing'], outcome['missing']
+    assert outcome['refused'].startswith('CheckpointDownloadError: Cannot download checkpoint') \
+        and 'Connection refused' in outcome['refused'], outcome['refused']
+    assert outcome['login'].startswith('CheckpointDownloadError: The download of') \
+        and 'is not a PyTorch checkpoint' in outcome['login'], outcome['login']
+    assert outcome['payload'].startswith('UnsafeCheckpointError: Refused to load checkpoint') \
+        and 'Its download was deleted from the cache' in outcome['payload'], outcome['payload']
+    assert outcome['good'] == 'loaded state_dict'
+    cached = [p for p in (tmp_path / 'torch_home').rglob('*') if p.is_file()]
+    hub = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    assert cached == [Path(safe_load.url_cache_path(urls['good'], str(hub)))]

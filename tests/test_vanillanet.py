@@ -246,20 +246,27 @@ def test_with_cp_same_outputs_gradients_and_statistics():
         torch.testing.assert_close(state_a[name], state_b[name], msg=name)
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    (dict(arch='vanillanet_14'), r"Unknown VanillaNet arch 'vanillanet_14'; valid names: vanillanet_5, .*vanillanet_13_x1_5_ada_pool"),
-    (dict(arch=dict(dims=[8, 16], strides=[2, 2])), r'len\(dims\) == len\(strides\) \+ 1'),
-    (dict(arch=dict(dims=[8, 16], strides=[2], ada_pol=[0])), r"Unknown keys \['ada_pol'\]"),
-    (dict(arch=dict(dims=[8, 16, 16], strides=[2, 1], ada_pool=[1])), r'ada_pool blocks \[1\] must be indices of stride-2'),
-    (dict(out_indices=(0, 4)), r'in \[0, 3\]'),
-    (dict(out_indices=(1, 1)), r'strictly increasing'),
-    (dict(out_indices=(2, 1)), r'strictly increasing'),
-    (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
-    (dict(act_num=0), r'act_num must be an integer >= 1'),
+@pytest.mark.parametrize('kwargs, kind, message', [
+    (dict(arch='vanillanet_14'), ValueError,
+     r"^Unknown VanillaNet arch 'vanillanet_14'; valid names: vanillanet_5, .*vanillanet_13_x1_5_ada_pool"),
+    (dict(arch=dict(dims=[8, 16], strides=[2, 2])), ValueError, r'len\(dims\) == len\(strides\) \+ 1'),
+    (dict(arch=dict(dims=[8, 16], strides=[2], ada_pol=[0])), ValueError, r"^Unknown keys \['ada_pol'\]"),
+    (dict(arch=dict(dims=[8, 16, 16], strides=[2, 1], ada_pool=[1])), ValueError,
+     r'ada_pool blocks \[1\] must be indices of stride-2'),
+    (dict(out_indices=(0, 4)), ValueError, r'in \[0, 3\]'),
+    (dict(out_indices=(1, 1)), ValueError, r'strictly increasing'),
+    (dict(out_indices=(2, 1)), ValueError, r'strictly increasing'),
+    (dict(frozen_stages=5), ValueError, r'frozen_stages must be an int in \[-1, 4\]'),
+    (dict(act_num=0), ValueError, r'act_num must be an integer >= 1'),
+    (dict(act_num=None), TypeError, r'act_num must be an integer >= 1 .*got None'),
+    (dict(act_num='3'), TypeError, r"act_num must be an integer >= 1 .*got '3'"),
+    (dict(norm_cfg=None), TypeError, r"norm_cfg must be a dict such as dict\(type='BN', eps=1e-6\), got None"),
+    (dict(norm_cfg=dict(eps=1e-6)), ValueError, r"norm_cfg needs a 'type'"),
 ])
-def test_bad_arguments_raise_clear_errors(kwargs, message):
-    with pytest.raises((KeyError, ValueError, TypeError), match=message):
+def test_bad_arguments_raise_clear_errors(kwargs, kind, message):
+    with pytest.raises(Exception, match=message) as error:
         narrow_net(**kwargs)
+    assert type(error.value) is kind
 
 
 def test_bad_inputs_raise_clear_errors():

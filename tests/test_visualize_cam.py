@@ -176,6 +176,21 @@ def test_clear_errors(tmp_path, val_images, demo_detector):
         detection_cam(centernet, val_images[0])
 
 
+def test_an_error_while_loading_is_not_called_a_misfit(demo_detector, monkeypatch):
+    """Only weights that do not fit are reported as such; running out of memory while loading says so.
+
+    (An out-of-memory error cannot be caused for real on a CPU test machine: loading is made to raise it.)
+    """
+    checkpoint, _ = demo_detector
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+
+    monkeypatch.setattr(torch.nn.Module, '_load_from_state_dict', out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match='CUDA out of memory'):
+        load_detector(DEMO_CONFIG, checkpoint)
+
+
 def test_box_contrast():
     cam = np.zeros((10, 20), dtype=np.float32)
     cam[2:5, 4:8] = 1.0

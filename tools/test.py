@@ -5,6 +5,7 @@ import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe 
 from mmdet.engine.hooks.utils import trigger_visualization_hook
 from mmdet.evaluation import DumpDetResults
 from mmdet_vanillanet.cli import add_precision_args, add_runner_args, build_runner, load_config, set_test_checkpoint
+from mmdet_vanillanet.engine import StrictLoadHook
 from mmdet_vanillanet.precision import configure_test_precision
 
 
@@ -27,8 +28,8 @@ def main(argv=None):
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
     runner = build_runner(cfg)
-    # every key of the checkpoint and of the model must match (mmengine's load_from is not strict)
-    runner.load_checkpoint(cfg.load_from, strict=True)
+    # runner.test() loads load_from after every hook's before_run; this hook makes that load strict
+    runner.register_hook(StrictLoadHook(source=args.checkpoint))
     if args.out is not None:
         if not args.out.endswith(('.pkl', '.pickle')):
             raise ValueError(f'--out must name a .pkl file, got {args.out!r}.')

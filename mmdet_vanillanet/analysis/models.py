@@ -116,7 +116,7 @@ def detector_config(detector, backbone='vanillanet', deploy=False, arch=None, ac
         mmengine.Config
     """
     if detector not in DETECTORS:
-        raise KeyError(f'Unknown detector {detector!r}; choose from {", ".join(DETECTORS)}.')
+        raise ValueError(f'Unknown detector {detector!r}; choose from {", ".join(DETECTORS)}.')
     if backbone == 'vanillanet':
         cfg = Config.fromfile(VANILLANET_CONFIGS[detector])
         cfg.model.backbone.pop('init_cfg', None)
@@ -132,7 +132,7 @@ def detector_config(detector, backbone='vanillanet', deploy=False, arch=None, ac
             cfg = deploy_config(cfg)
         return cfg
     if (detector, backbone) not in BASELINE_CONFIGS:
-        raise KeyError(f'Unknown baseline backbone {backbone!r}; choose from {", ".join(BASELINES)}.')
+        raise ValueError(f'Unknown baseline backbone {backbone!r}; choose from {", ".join(BASELINES)}.')
     if deploy or arch is not None or act_num is not None or with_cp:
         raise ValueError('deploy, arch, act_num and with_cp apply to VanillaNet detectors only.')
     cfg = get_config(BASELINE_CONFIGS[(detector, backbone)], pretrained=False)

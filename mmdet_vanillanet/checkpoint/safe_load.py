@@ -6,11 +6,14 @@ the message hub), mmdet 2.x checkpoints and the published VanillaNet checkpoints
 hit that wall. :func:`install_safe_loading` allow-lists exactly those types and replaces every loader of
 mmengine's ``CheckpointLoader``: local files go through :func:`load_checkpoint_file`; ``http(s)://`` URLs
 (and the ``open-mmlab://``, ``mmcls://``, ``torchvision://`` model-zoo names, which resolve to URLs) are
-downloaded into torch's hub cache and then loaded by the same function, where mmengine would unpickle
-them with no weights-only restriction; object storage (``s3://``, ``petrel://``) is read into memory and
+downloaded into torch's hub cache (one folder per address) and then loaded by the same function, where
+mmengine would unpickle them with no weights-only restriction; in a distributed run every process raises
+the same error when the download fails; object storage (``s3://``, ``petrel://``) is read into memory and
 loaded weights-only as well. Failures become errors that name the file and the fix.
 """
 import argparse
+import contextlib
+import hashlib
 import importlib
 import inspect
 import io
@@ -19,6 +22,7 @@ import os.path as osp
 import pickle
 import re
 import zipfile
+from http.client import HTTPException
 from urllib.parse import urlparse
 
 import numpy as np
@@ -269,11 +273,40 @@ MODEL_ZOO_PREFIXES = ('modelzoo://', 'torchvision://', 'open-mmlab://', 'openmml
 OBJECT_STORAGE_PREFIXES = (r'(\S+\:)?s3://', r'(\S+\:)?petrel://')
 
 
-def download_checkpoint(url, model_dir=None, progress=False):
-    """Download ``url`` into torch's hub cache (``<TORCH_HOME>/hub/checkpoints``) unless it is there.
+class CheckpointDownloadError(CheckpointReadError):
+    """A checkpoint address could not be downloaded, or what it served is no checkpoint (deleted again).
 
-    The same cache, file name and atomic download (``torch.hub.download_url_to_file``) as
-    ``torch.hub.load_state_dict_from_url``, without its unpickling.
+    Every process of a distributed run raises it with the same message.
+
+    Args:
+        message (str): What failed for which address, where the cache file is, and the fix.
+    """
+
+
+def url_cache_path(url, model_dir=None):
+    """The cache file of ``url``: ``<model_dir>/<hash of the full address>/<file name of the address>``.
+
+    Keyed by the whole address (scheme, host, path and query), so two addresses never share a file, even
+    where their file names are equal.
+
+    Args:
+        url (str): ``http(s)://`` address of the checkpoint.
+        model_dir (str | None): cache folder; None: torch's hub cache, ``<TORCH_HOME>/hub/checkpoints``.
+    """
+    filename = osp.basename(urlparse(url).path)
+    if not filename:
+        raise CheckpointDownloadError(f'Cannot name a cache file after {url!r}: it ends with "/". Fix: give the '
+                                  'address of the checkpoint file itself.')
+    model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return osp.join(model_dir, f'url-{key}', filename)
+
+
+def download_checkpoint(url, model_dir=None, progress=False):
+    """Download ``url`` into its cache file (:func:`url_cache_path`) unless it is there; check it on arrival.
+
+    The download is atomic (``torch.hub.download_url_to_file``: a partial file never takes the cache
+    name). A download that is not a checkpoint file (an HTML error or login page, say) is deleted at once.
 
     Args:
         url (str): ``http(s)://`` address of the checkpoint.
@@ -282,23 +315,69 @@ def download_checkpoint(url, model_dir=None, progress=False):
 
     Returns:
         str: the local path.
+
+    Raises:
+        CheckpointDownloadError: the download failed, or what arrived is not a checkpoint.
     """
-    filename = osp.basename(urlparse(url).path)
-    if not filename:
-        raise CheckpointReadError(f'Cannot name a cache file after {url!r}: it ends with "/". Fix: give the '
-                                  'address of the checkpoint file itself.')
-    model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
-    os.makedirs(model_dir, exist_ok=True)
-    cached = osp.join(model_dir, filename)
-    if not osp.exists(cached):
+    cached = url_cache_path(url, model_dir)
+    if osp.exists(cached):
+        return cached
+    os.makedirs(osp.dirname(cached), exist_ok=True)
+    try:
         torch.hub.download_url_to_file(url, cached, progress=progress)
+    except (OSError, HTTPException, ValueError) as err:  # urllib's HTTP and URL errors, timeouts, a full disk
+        raise CheckpointDownloadError(
+            f'Cannot download checkpoint {url!r} (to {cached!r}): {type(err).__name__}: {err}. Fix: check the '
+            'address and the network, or download the file yourself and give its local path.') from err
+    try:
+        check_checkpoint_file(cached)
+    except CheckpointReadError as err:
+        _delete_cached(cached)
+        raise CheckpointDownloadError(f'The download of {url!r} was deleted from the cache ({cached}): {err}') \
+            from None
     return cached
+
+
+def _first_failure(message, world_size):
+    """The first failure message of any process (None: every process succeeded), the same on every process.
+
+    Each process calls this whatever happened to it, so nobody waits for a process that gave up.
+
+    Args:
+        message (str | None): this process's failure, or None.
+        world_size (int): number of processes.
+    """
+    if world_size == 1:
+        return message
+    messages = [None] * world_size
+    torch.distributed.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
+
+
+def _load_cached(url, map_location):
+    """Load the cache file of ``url`` (downloaded if missing). Returns (checkpoint, None) or (None, the error)."""
+    path = url_cache_path(url)
+    deleted = f'Its download was deleted from the cache ({path}). '
+    try:
+        return load_checkpoint_file(download_checkpoint(url), map_location=map_location), None
+    except CheckpointDownloadError as err:
+        return None, err
+    except UnsafeCheckpointError as err:
+        return None, UnsafeCheckpointError(url, err.offender, note=deleted)
+    except CheckpointReadError as err:
+        return None, CheckpointDownloadError(f'{err} (It was downloaded from {url!r}.) {deleted}Run again to '
+                                             'download it anew.')
 
 
 def load_from_url_weights_only(url, map_location=None):
     """mmengine ``CheckpointLoader`` backend for ``http(s)://`` (replaces ``load_from_http``).
 
-    Rank 0 downloads first; the other processes of a distributed run then find the file in the cache.
+    Rank 0 downloads into the cache (:func:`url_cache_path`) while the other processes of a distributed
+    run wait; then every process loads the file (a process on another machine downloads it there first).
+    Any failure, on any process, is raised by every process (a download that failed as a
+    :class:`CheckpointDownloadError` with rank 0's message): no process waits for one that gave up. A
+    cached file that does not load (refused by the allow-list, malformed) is deleted, so that the next
+    run downloads it again, and the error says where it was.
 
     Args:
         url (str): the checkpoint's address.
@@ -308,19 +387,32 @@ def load_from_url_weights_only(url, map_location=None):
         The unpickled checkpoint, via :func:`load_checkpoint_file`.
     """
     rank, world_size = get_dist_info()
+    message = None
     if rank == 0:
-        path = download_checkpoint(url)
-    if world_size > 1:
-        torch.distributed.barrier()
-        if rank > 0:
-            path = download_checkpoint(url)
-    try:
-        return load_checkpoint_file(path, map_location=map_location)
-    except UnsafeCheckpointError as err:
-        if rank == 0 and osp.exists(path):
-            os.remove(path)
-        raise UnsafeCheckpointError(url, err.offender, note=f'Its download was deleted from the cache ({path}). ') \
-            from None
+        try:
+            download_checkpoint(url)
+        except CheckpointDownloadError as err:
+            message = str(err)
+    message = _first_failure(message, world_size)
+    if message is not None:
+        raise CheckpointDownloadError(message)
+    checkpoint, error = _load_cached(url, map_location)
+    # after every process has read the file, a bad one is deleted
+    failure = _first_failure(None if error is None else str(error), world_size)
+    if failure is None:
+        return checkpoint
+    if error is None:
+        raise CheckpointDownloadError(f'Another process of this distributed run could not load {url!r}: {failure}')
+    _delete_cached(url_cache_path(url))
+    raise error
+
+
+def _delete_cached(path):
+    """Delete a cache file and its address's folder (another process of this machine may have done so)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    with contextlib.suppress(OSError):  # not empty, or gone
+        os.rmdir(osp.dirname(path))
 
 
 def model_zoo_url(name):
@@ -338,7 +430,7 @@ def model_zoo_url(name):
         urls = mmengine_checkpoint.get_external_models()
         model = mmengine_checkpoint.get_deprecated_model_names().get(model, model)
     if model not in urls:
-        raise KeyError(f'{name!r} names no model of mmengine\'s {scheme}:// table ({len(urls)} models).')
+        raise ValueError(f'{name!r} names no model of mmengine\'s {scheme}:// table ({len(urls)} models).')
     return urls[model]
 
 

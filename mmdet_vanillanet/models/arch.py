@@ -45,14 +45,14 @@ def resolve_arch(arch):
     """
     if isinstance(arch, str):
         if arch not in ARCH_SETTINGS:
-            raise KeyError(f'Unknown VanillaNet arch {arch!r}; valid names: '
+            raise ValueError(f'Unknown VanillaNet arch {arch!r}; valid names: '
                            f'{", ".join(ARCH_SETTINGS)}, or a dict(dims=[...], strides=[...]).')
         arch = ARCH_SETTINGS[arch]
     if not isinstance(arch, dict) or not {'dims', 'strides'} <= set(arch):
         raise TypeError(f'VanillaNet arch must be a name or a dict with "dims" and "strides", got {arch!r}.')
     unknown = set(arch) - {'dims', 'strides', 'ada_pool'}
     if unknown:
-        raise KeyError(f'Unknown keys {sorted(unknown)} in VanillaNet arch dict; allowed: dims, strides, ada_pool.')
+        raise ValueError(f'Unknown keys {sorted(unknown)} in VanillaNet arch dict; allowed: dims, strides, ada_pool.')
     dims, strides = list(arch['dims']), list(arch['strides'])
     ada_pool = sorted(arch.get('ada_pool') or [])
     if len(dims) != len(strides) + 1 or not strides:

@@ -10,6 +10,7 @@ activation. Parameter names follow the published checkpoints in both the trainin
 fused deploy structure, so official weights load without renaming.
 """
 import math
+import numbers
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -253,12 +254,20 @@ class VanillaNet(BaseModule):
                  fast_inference=True,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        if isinstance(act_num, bool) or not isinstance(act_num, numbers.Real):
+            raise TypeError(f'act_num must be an integer >= 1 (n of the (2n+1)x(2n+1) activation kernels; the '
+                            f'published weights use 3, the detection configs 4), got {act_num!r}.')
+        if not isinstance(norm_cfg, dict):
+            raise TypeError(f"norm_cfg must be a dict such as dict(type='BN', eps=1e-6), got {norm_cfg!r}: every "
+                            'conv of the training structure is followed by a norm layer, which fusing folds into it.')
+        if 'type' not in norm_cfg:
+            raise ValueError(f"norm_cfg needs a 'type' (e.g. 'BN', 'SyncBN'), got {norm_cfg!r}.")
         split_pretrained_init_cfg(init_cfg)  # validates its keys; the file is read by init_weights only
         settings = resolve_arch(arch)
         self.arch_name = arch if isinstance(arch, str) else None
         self.dims, self.strides, self.ada_pool = settings['dims'], settings['strides'], settings['ada_pool']
         self.num_blocks = len(self.strides)
-        if int(act_num) != act_num or act_num < 1:
+        if not math.isfinite(act_num) or int(act_num) != act_num or act_num < 1:
             raise ValueError(f'act_num must be an integer >= 1 (kernel (2n+1)x(2n+1)), got {act_num!r}.')
         self.act_num = int(act_num)
         self.in_channels = in_channels

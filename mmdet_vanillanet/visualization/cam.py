@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from mmcv.transforms import Compose
 from mmengine.dataset import pseudo_collate
-from mmengine.runner import load_checkpoint
 
 from mmdet.apis import init_detector
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
@@ -32,6 +31,9 @@ from mmdet.models.detectors import SingleStageDetector, TwoStageDetector
 from mmdet.models.roi_heads import StandardRoIHead
 from mmdet.models.utils import select_single_mlvl
 from mmdet.utils import get_test_pipeline_cfg
+
+from ..checkpoint import VanillaNetWeightsError
+from ..deploy import load_detector_checkpoint
 
 try:
     from torchcam.methods import GradCAMpp
@@ -91,9 +93,9 @@ def load_detector(config, checkpoint, device='cpu', cfg_options=None):
     if checkpoint is None:
         return model
     try:
-        meta = load_checkpoint(model, checkpoint, map_location='cpu', strict=True).get('meta', {})
-    except (RuntimeError, ValueError) as e:  # torch's strict load, or the backbone's worded check
-        raise ValueError(f'Checkpoint {checkpoint} does not fit the detector of {config}: {e}') from e
+        meta = load_detector_checkpoint(model, checkpoint)
+    except VanillaNetWeightsError as e:  # a misfit, explained in words; any other error is raised as it is
+        raise VanillaNetWeightsError(f'Checkpoint {checkpoint} does not fit the detector of {config}: {e}') from e
     classes = meta.get('dataset_meta', {}).get('classes') or meta.get('CLASSES')
     if classes is None:
         warnings.warn(f'Checkpoint {checkpoint} names no classes; labels are drawn with COCO class names.')
