@@ -163,29 +163,57 @@ def test_training_group_runs_each_configuration_in_its_own_process(tmp_path, cap
     assert 'with_cp saves' in table and 'with_cp' in result['meta']
 
 
-def test_precision_rows_compare_each_model_with_itself_in_fp32(tmp_path, capsys):
-    table, result, rows = run_tool(tmp_path, capsys, '--only', 'precision', '--detectors', 'retinanet',
-                                   '--baselines', 'r50')
+def precision_seconds(name):
+    """A fixed clock for the precision rows: each precision's time differs, and so does each model's."""
+    model = 3.0 if name.startswith('ResNet-50') else 1.0
+    for part, seconds in (('OpenVINO bf16', 0.25), ('OpenVINO f32', 0.8), ('int8', 0.2), ('bf16', 0.5)):
+        if part in name:
+            return model * seconds
+    return model * (5.0 if name.startswith('GEMM') else 2.0)
+
+
+def run_precision(tmp_path, capsys, monkeypatch, *args):
+    from mmdet_vanillanet.analysis import reduced_precision
+
+    def fixed(fns, warmup, repeats):
+        for fn in fns.values():
+            fn()  # every call runs once: a broken row still fails
+        return {name: Timing([precision_seconds(name)] * 3) for name in fns}
+
+    monkeypatch.setattr(reduced_precision, 'time_interleaved', fixed)
+    return run_tool(tmp_path, capsys, monkeypatch, '--only', 'precision', '--detectors', 'retinanet', *args)
+
+
+def test_precision_rows_compare_each_model_with_itself_in_fp32(tmp_path, capsys, monkeypatch):
+    table, result, rows = run_precision(tmp_path, capsys, monkeypatch, '--baselines', 'r50')
     backbone = {name: r for (section, name), r in rows.items() if section == 'reduced precision: backbone'}
-    fp32 = backbone['VanillaNet-13 fused, fp32']
-    measured = [name for name, r in backbone.items() if r['seconds'] is not None]
-    assert 'ResNet-50 (channels_last), fp32' in measured
-    expected = (['VanillaNet-13 fused, bf16 (autocast)', 'VanillaNet-13 fused, OpenVINO bf16']
-                if cpu_support.native_bf16() else []) + \
-        (['VanillaNet-13 fused, int8 (PT2E, inductor)'] if cpu_support.native_int8() else [])
-    for name in expected + ['VanillaNet-13 fused, OpenVINO f32']:
+    expected = {'VanillaNet-13 fused, OpenVINO f32': 2.0 / 0.8, 'ResNet-50 (channels_last), fp32': None}
+    if cpu_support.native_bf16():
+        expected.update({'VanillaNet-13 fused, bf16 (autocast)': 2.0 / 0.5, 'VanillaNet-13 fused, OpenVINO bf16': 8.0,
+                         'ResNet-50 (channels_last), bf16 (autocast)': 2.0 / 0.5})
+    if cpu_support.native_int8():
+        expected['VanillaNet-13 fused, int8 (PT2E, inductor)'] = 2.0 / 0.2
+    for name, speedup in expected.items():
         row = backbone[name]
-        assert row['speedup'] == pytest.approx(fp32['seconds'] / row['seconds'])
+        assert row['seconds'] == precision_seconds(name)
+        if speedup is None:
+            continue
+        assert row['speedup'] == pytest.approx(speedup)  # against the same model's fp32 row
         assert re.fullmatch(r'vs fp32: \d\.\de[+-]\d\d rel', row['notes'][0])
-    retinanet = {name for (section, name), r in rows.items() if section == 'reduced precision: RetinaNet'}
+    retinanet = {name: r for (section, name), r in rows.items() if section == 'reduced precision: RetinaNet'}
     assert {'VanillaNet-13 fused, fp32', 'ResNet-50, fp32', 'VanillaNet-13 fused, OpenVINO f32, tensor outputs'} <= \
-        retinanet
+        set(retinanet)
+    if cpu_support.native_bf16():
+        assert retinanet['ResNet-50, bf16 (autocast, fp32 post-processing)']['speedup'] == pytest.approx(4.0)
+        # the targets read the same rows: VanillaNet-13 / ResNet-50 is 2/6 in fp32 and 0.5/1.5 in bf16
+        assert 'RetinaNet VanillaNet-13 / ResNet-50 latency: 0.33x in fp32, 0.33x in bf16' in table
+        assert 'RetinaNet bf16: 4.00x faster than fp32 (target >= 3.0x: met)' in table
     assert 'Reduced precision on this CPU: native bf16:' in table
 
 
 def test_precision_rows_say_what_this_cpu_cannot_measure(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(cpu_support.NO_NATIVE_ENV, 'bf16,int8')
-    table, _, rows = run_tool(tmp_path, capsys, '--only', 'precision', '--detectors', 'retinanet', '--baselines')
+    table, _, rows = run_precision(tmp_path, capsys, monkeypatch, '--baselines')
     for precision in ('bf16', 'int8'):
         row = rows[('reduced precision: backbone', f'VanillaNet-13 fused, {precision}')]
         assert row['seconds'] is None and row['notes'] == [f'not measured: no native {precision} on this CPU']
