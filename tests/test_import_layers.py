@@ -6,7 +6,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'mmdet_vanillanet'
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS = [
-    ['models.arch', 'cpu_support'],
+    ['arch', 'cpu_support'],
     ['checkpoint'],
     ['models'],
     ['detector_utils'],
@@ -71,3 +71,32 @@ def test_imports_run_downward_and_nothing_imports_the_benchmark():
             elif layer_of(target) > layer_of(name):
                 wrong.append(f'{name} (layer {layer_of(name)}) imports {target} (layer {layer_of(target)})')
     assert not wrong, '\n'.join(wrong)
+
+
+def room_of(name):
+    """The room (sub-package, or top-level module) of a dotted module name inside the package."""
+    return name.split('.')[0]
+
+
+def test_no_cycle_between_rooms():
+    """Rooms (sub-packages and top-level modules) import each other along a DAG: any import order works."""
+    edges = {}
+    for path in sorted(PACKAGE.rglob('*.py')):
+        name = module_name(path)
+        if not name:
+            continue
+        for target in imported_modules(path):
+            if room_of(target) != room_of(name):
+                edges.setdefault(room_of(name), set()).add(room_of(target))
+
+    def cycle_from(room, trail):
+        if room in trail:
+            return trail[trail.index(room):] + [room]
+        for target in sorted(edges.get(room, ())):
+            found = cycle_from(target, trail + [room])
+            if found:
+                return found
+        return None
+
+    cycles = [cycle_from(room, []) for room in sorted(edges)]
+    assert not any(cycles), ' -> '.join(next(c for c in cycles if c))

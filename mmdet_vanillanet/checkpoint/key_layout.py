@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from ..models.arch import ARCH_SETTINGS
+from ..arch import ARCH_SETTINGS
 
 # Where a classification checkpoint keeps its state dicts, in order of preference.
 STATE_DICT_KEYS = ('model_ema', 'model', 'state_dict')
