@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 REQS := $(CONSTRAINTS) requirements/build.txt requirements/runtime.txt requirements/tests.txt requirements/extras.txt setup.py
 
-.PHONY: install demo demo-mask test test-slow bench clean
+.PHONY: install demo demo-mask test test-slow bench lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow tests
+
+lint: install
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) tools/benchmark.py

@@ -9,7 +9,8 @@ setup(
     python_requires='>=3.11',
     license='MIT',
     # What the package imports, at the versions it needs; `make install` installs the tested versions
-    # (requirements/constraints.txt) and then this package with --no-deps. mmcv must be built with its ops (MMCV_WITH_OPS=1):
+    # (requirements/constraints.txt) and then this package with --no-deps. mmcv must be built with its ops
+    # (MMCV_WITH_OPS=1):
     # mmdet 3.3 refuses mmcv 2.2. torch >= 2.6 loads checkpoints weights-only by default and has the
     # allow-list API; numpy 2 is where the allow-listed numpy.dtypes and numpy._core names live.
     install_requires=[

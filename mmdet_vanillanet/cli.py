@@ -18,8 +18,8 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .checkpoint.safe_load import CheckpointReadError, check_checkpoint_file
 from .checkpoint.pretrained import check_pretrained_init_cfg
+from .checkpoint.safe_load import CheckpointReadError, check_checkpoint_file
 from .datasets.checks import check_data_config
 from .detector_utils import vanillanet_cfgs
 

@@ -5,7 +5,13 @@ Builds the network to fuse, so it sits above :mod:`mmdet_vanillanet.models` and
 """
 import torch
 
-from .checkpoint.key_layout import VanillaNetWeightsError, first_keys, weights_label, count_parameters, describe_state_dict
+from .checkpoint.key_layout import (
+    VanillaNetWeightsError,
+    count_parameters,
+    describe_state_dict,
+    first_keys,
+    weights_label,
+)
 from .checkpoint.pretrained import read_backbone_weights
 from .models import VanillaNet
 

@@ -16,9 +16,18 @@ from mmengine.config import Config
 
 from .checkpoint.key_layout import count_parameters, select_state_dict, strip_module_prefix
 from .checkpoint.safe_load import read_checkpoint
-from .detector_utils import (NonFiniteOutputsError, build_detector, check_detector_state_dict, detector_outputs,
-                             find_vanillanets, fuse_vanillanets, is_vanillanet_cfg, random_batch, relative_deviation,
-                             vanillanet_cfgs)
+from .detector_utils import (
+    NonFiniteOutputsError,
+    build_detector,
+    check_detector_state_dict,
+    detector_outputs,
+    find_vanillanets,
+    fuse_vanillanets,
+    is_vanillanet_cfg,
+    random_batch,
+    relative_deviation,
+    vanillanet_cfgs,
+)
 from .engine.act_learn_hook import META_KEY as ACT_LEARN_META_KEY
 
 # Checkpoint meta entries carried over to the deploy checkpoint (plain data only).

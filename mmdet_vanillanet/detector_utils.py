@@ -27,8 +27,7 @@ from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
 
-from .checkpoint.key_layout import (VanillaNetWeightsError, check_backbone_state_dict, difference_lines,
-                                    key_differences)
+from .checkpoint.key_layout import VanillaNetWeightsError, check_backbone_state_dict, difference_lines, key_differences
 from .models import VanillaNet
 
 

@@ -16,14 +16,20 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn as nn
-
 from mmengine.config import Config
 
 from mmdet.models.detectors import SingleStageDetector
 
 from .deploy import load_detector_checkpoint
-from .detector_utils import (NonFiniteOutputsError, build_detector, flatten_tensors, fuse_vanillanets,
-                             padded_shape, quiet_mmengine, relative_deviation)
+from .detector_utils import (
+    NonFiniteOutputsError,
+    build_detector,
+    flatten_tensors,
+    fuse_vanillanets,
+    padded_shape,
+    quiet_mmengine,
+    relative_deviation,
+)
 from .models import VanillaNet
 
 DEFAULT_OPSET = 17

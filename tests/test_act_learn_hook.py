@@ -11,8 +11,9 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
-import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet.registry import HOOKS
+
+import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet.engine import ActLearnHook
 from mmdet_vanillanet.models import VanillaNet
 

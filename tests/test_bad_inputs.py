@@ -13,13 +13,14 @@ import cv2
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
+
+from mmdet.registry import MODELS
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
-from mmdet.registry import MODELS
 from mmdet_vanillanet.checkpoint import CheckpointNotFoundError, CheckpointReadError, VanillaNetWeightsError
 from mmdet_vanillanet.datasets.checks import DataConfigError, DataNotFoundError
 from mmdet_vanillanet.models import VanillaNet
-from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -73,8 +74,10 @@ def tool(name, *args):
 
 
 @pytest.mark.parametrize('backbone, kind, phrases', [
-    (dict(arch='vanillanet_14'), ValueError, ["Unknown VanillaNet arch 'vanillanet_14'", 'valid names: vanillanet_5, ']),
-    (dict(arch=dict(dims=[8, 16], strides=[2], stride=[2])), ValueError, ["Unknown keys ['stride'] in VanillaNet arch"]),
+    (dict(arch='vanillanet_14'), ValueError,
+     ["Unknown VanillaNet arch 'vanillanet_14'", 'valid names: vanillanet_5, ']),
+    (dict(arch=dict(dims=[8, 16], strides=[2], stride=[2])), ValueError,
+     ["Unknown keys ['stride'] in VanillaNet arch"]),
     (dict(norm_cfg=None), TypeError, ["norm_cfg must be a dict such as dict(type='BN', eps=1e-6), got None"]),
     (dict(act_num=None), TypeError, ['act_num must be an integer >= 1', 'got None']),
     (dict(act_num=float('nan')), ValueError, ['act_num must be an integer >= 1', 'got nan']),

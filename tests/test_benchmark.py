@@ -14,12 +14,17 @@ import pytest
 import torch
 
 from mmdet_vanillanet import cpu_support
-from mmdet_vanillanet.analysis import (complexity, gemm_bound_seconds, gemm_throughput, time_call,
-                                       time_interleaved)
-from mmdet_vanillanet.analysis import groups
+from mmdet_vanillanet.analysis import (
+    complexity,
+    gemm_bound_seconds,
+    gemm_throughput,
+    groups,
+    time_call,
+    time_interleaved,
+)
 from mmdet_vanillanet.analysis.latency import Timing
-from mmdet_vanillanet.analysis.options import FAST_ROW, TRAIN_ROW
 from mmdet_vanillanet.analysis.models import DETECTORS, build_detector, detector_config
+from mmdet_vanillanet.analysis.options import FAST_ROW, TRAIN_ROW
 from mmdet_vanillanet.analysis.training_cost import training_cost
 from mmdet_vanillanet.models import VanillaNet
 

@@ -18,9 +18,10 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
-import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet.registry import HOOKS, MODELS, PARAM_SCHEDULERS
 from mmdet.testing import demo_mm_inputs
+
+import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet.engine.layer_decay import default_num_layers
 from mmdet_vanillanet.models import ARCH_SETTINGS, VanillaNet, resolve_arch
 

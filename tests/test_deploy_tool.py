@@ -15,8 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
-from mmdet_vanillanet.checkpoint import load_checkpoint_file
-from mmdet_vanillanet.checkpoint import VanillaNetWeightsError
+
+from mmdet_vanillanet.checkpoint import VanillaNetWeightsError, load_checkpoint_file
 from mmdet_vanillanet.datasets import generate_synthetic_coco, synthetic_coco_metainfo
 from mmdet_vanillanet.deploy import deploy_config, deploy_detector
 
@@ -144,7 +144,8 @@ def test_deploy_tool_fuses_a_trained_detector_with_equal_predictions(tmp_path):
     assert cfg.model.backbone.deploy is True and cfg.model.backbone.init_cfg is None
     # a short config: the source config as _base_, then only what fusing changes
     text = (out_dir / 'retinanet_tiny_deploy.py').read_text()
-    assert f"_base_ = '../retinanet_tiny.py'" in text and "model = {'backbone': {'deploy': True, 'init_cfg': None}}" in text
+    assert "_base_ = '../retinanet_tiny.py'" in text
+    assert "model = {'backbone': {'deploy': True, 'init_cfg': None}}" in text
     assert len(text.splitlines()) == 4
     assert cfg.custom_imports.imports == ['mmdet_vanillanet'] and cfg.test_dataloader.batch_size == 2
     fused = MODELS.build(cfg.model)
@@ -281,6 +282,7 @@ def test_deploy_refuses_a_detector_with_non_finite_outputs(tmp_path):
 
 def test_building_a_detector_leaves_the_callers_default_scope(tmp_path):
     from mmengine.registry import DefaultScope, init_default_scope
+
     from mmdet_vanillanet.detector_utils import build_detector
     init_default_scope('mmengine')
     model = build_detector(Config.fromfile(write_config(tmp_path)).model, init_weights=True)

@@ -9,8 +9,17 @@ import torch
 import torch.nn as nn
 
 from mmdet.registry import MODELS
-from mmdet_vanillanet.export import (ONNXExportError, DetectorTensorOutputs, check_onnx, export_backbone,
-                                     export_detector, export_onnx, onnx_session, run_onnx)
+
+from mmdet_vanillanet.export import (
+    DetectorTensorOutputs,
+    ONNXExportError,
+    check_onnx,
+    export_backbone,
+    export_detector,
+    export_onnx,
+    onnx_session,
+    run_onnx,
+)
 from mmdet_vanillanet.models import VanillaNet
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -161,6 +170,7 @@ def test_a_failed_check_leaves_no_onnx_file(tmp_path, failure):
     (With NaN, PyTorch's oneDNN fast path returns zeros: its fused ReLU maps NaN to 0; the graph keeps the NaN.)
     """
     from mmengine.config import Config
+
     from mmdet_vanillanet.detector_utils import build_detector
     config = tmp_path / 'tiny_retinanet.py'
     config.write_text(TOOL_CONFIG)

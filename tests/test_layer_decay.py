@@ -8,8 +8,9 @@ from mmengine.hub import get_config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
-import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+
+import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet.engine import VanillaNetLayerDecayOptimizerConstructor
 
 BASE_LR, BASE_WD, RATE = 8e-5, 0.05, 0.6

@@ -17,13 +17,13 @@ from mmcv import ops as mmcv_ops
 from mmengine.hub import get_config
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
+from test_configs import narrow_heads
 
-import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
-from mmdet_vanillanet.detector_utils import detector_outputs, relative_deviation
 
-from test_configs import narrow_heads
+import mmdet_vanillanet  # noqa: F401  (registration)
+from mmdet_vanillanet.detector_utils import detector_outputs, relative_deviation
 
 # mmcv ops that read backbone or neck feature maps, and what each does with channels-last input.
 LAYOUT_SENSITIVE_OPS = (mmcv_ops.RoIAlign, mmcv_ops.RoIPool, mmcv_ops.DeformConv2d, mmcv_ops.ModulatedDeformConv2d,

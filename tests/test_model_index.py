@@ -7,10 +7,11 @@ import torch
 import yaml
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+from released_detectors import RELEASED, RELEASES
+
+from mmdet.registry import MODELS
 
 import mmdet_vanillanet  # noqa: F401  (registration)
-from mmdet.registry import MODELS
-from released_detectors import RELEASED, RELEASES
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {'retinanet': {'box AP': 43.0}, 'mask-rcnn': {'box AP': 44.3, 'mask AP': 40.1}}

@@ -6,8 +6,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mmdet
 import pytest
+
+import mmdet
 
 from mmdet_vanillanet import cpu_support
 from mmdet_vanillanet.datasets import generate_synthetic_coco
@@ -79,7 +80,8 @@ TINY_MASK_CONFIG = TINY_CONFIG.replace('retinanet_vanillanet_demo.py', 'mask-rcn
     "dict(type='LoadAnnotations', with_bbox=True)", "dict(type='LoadAnnotations', with_bbox=True, with_mask=True)"
 ).replace("model = dict(test_cfg=dict(score_thr=0.0))", "model = dict(test_cfg=dict(rcnn=dict(score_thr=0.0)))"
           ).replace("val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')",
-                    "val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json', metric=['bbox', 'segm'])")
+                    "val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json', "
+                    "metric=['bbox', 'segm'])")
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +133,8 @@ def test_shortened_demo_trains_evaluates_fuses_and_draws(tiny_setup, detector):
     assert deviation < 1e-4, 'fusing changed what the detector computes'
     assert re.search(r'inference time per image: \d+ ms trained structure, \d+ ms fused', log)
     # the fused checkpoint in every precision this CPU runs natively, each against fp32
-    native = ['fp32'] + [p for p, ok in (('bf16', cpu_support.native_bf16()), ('int8', cpu_support.native_int8())) if ok]
+    native = ['fp32'] + [name for name, ok in (('bf16', cpu_support.native_bf16()),
+                                               ('int8', cpu_support.native_int8())) if ok]
     rows = re.findall(r'^fused, (\w+): bbox_mAP: (\d\.\d{3}).*, \d+ ms per image, outputs (.*)$', log, flags=re.M)
     assert [row[0] for row in rows] == native, log[-3000:]
     assert rows[0][2] == 'the reference' and rows[0][1] == fused_map['bbox']

@@ -11,19 +11,20 @@ import warnings
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
-from mmengine.structures import InstanceData
+from test_layout import ZOO, batch, build_pair, fixed_proposals
 
 import mmdet_vanillanet  # noqa: F401  (registration)
-from mmdet.registry import MODELS
 from mmdet_vanillanet import cpu_support
-from mmdet_vanillanet.detector_utils import (build_detector, detector_outputs, fuse_vanillanets, random_batch,
-                                             relative_deviation)
+from mmdet_vanillanet.detector_utils import (
+    build_detector,
+    detector_outputs,
+    fuse_vanillanets,
+    random_batch,
+    relative_deviation,
+)
 from mmdet_vanillanet.models import VanillaNet, onednn_inference
 from mmdet_vanillanet.models.execution import Execution, choose_execution
 from mmdet_vanillanet.precision import add_fp32_borders, bf16_inference, quantize_vanillanet
-
-from test_layout import ZOO, batch, build_pair, fixed_proposals
 
 BF16_TOLERANCE = 3e-2   # backbone and detector outputs, bf16 against fp32
 INT8_TOLERANCE = 0.15   # backbone outputs, int8 against fp32 (random weights: a harder case than trained ones)

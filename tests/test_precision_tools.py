@@ -7,13 +7,12 @@ import pickle
 
 import pytest
 import torch
+from tiny_detector import load_tool, make_data, write_config
 
 from mmdet_vanillanet import cpu_support
 from mmdet_vanillanet.detector_utils import build_detector
 from mmdet_vanillanet.models import onednn_inference
 from mmdet_vanillanet.precision import Int8VanillaNet, load_calibration
-
-from tiny_detector import load_tool, make_data, write_config
 
 
 @pytest.fixture(scope='module')
@@ -69,6 +68,7 @@ def best_detections(predictions):
 @pytest.fixture(scope='module')
 def fused_checkpoint(tiny):
     from mmengine.config import Config
+
     from mmdet_vanillanet.detector_utils import fuse_vanillanets
     config, checkpoint, folder = tiny
     model = build_detector(Config.fromfile(config).model)

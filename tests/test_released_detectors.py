@@ -11,19 +11,20 @@ import re
 import subprocess
 import sys
 
-import mmdet
 import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
+from released_detectors import RELEASED, coco_layout, count_parameters, write_released_checkpoint
+from tiny_detector import tool_env
+
+import mmdet
+from mmdet.registry import MODELS
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
-from mmdet.registry import MODELS
 from mmdet_vanillanet.datasets import generate_synthetic_coco
 from mmdet_vanillanet.deploy import deploy_detector
-from released_detectors import RELEASED, count_parameters, coco_layout, write_released_checkpoint
-from tiny_detector import tool_env
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MMDET_TOOLS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools')
@@ -140,7 +141,8 @@ def test_readme_det_inferencer_example_runs(workspace):
         os.symlink(osp.join(ROOT, 'configs'), workspace / 'configs')
     image = sorted((workspace / 'data' / 'coco' / 'val2017').iterdir())[0]
     (workspace / 'demo.jpg').write_bytes(image.read_bytes())
-    code = readme_python_block('In Python, with mmdet\'s inferencer') + readme_python_block('The same inferencer in bf16')
+    code = (readme_python_block('In Python, with mmdet\'s inferencer')
+            + readme_python_block('The same inferencer in bf16'))
     log = run(['-c', code], cwd=workspace)
     detections = re.search(r"(\d+) detections; classes \('person', 'bicycle'\)", log)
     assert detections and int(detections.group(1)) > 0, log[-2000:]

@@ -16,15 +16,15 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
+from tiny_detector import ROOT, make_data, tool_env, write_config
 from torch.utils.data import Dataset
 
-import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet.registry import HOOKS
+
+import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import load_checkpoint_file
 from mmdet_vanillanet.cli import find_resume_checkpoint, set_resume
-from mmdet_vanillanet.engine.rng_state_hook import (RandomStateHook, capture_random_states,
-                                                    restore_random_states)
-from tiny_detector import ROOT, make_data, tool_env, write_config
+from mmdet_vanillanet.engine.rng_state_hook import RandomStateHook, capture_random_states, restore_random_states
 
 
 @pytest.fixture(autouse=True)

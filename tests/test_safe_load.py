@@ -16,9 +16,14 @@ from mmengine.runner.checkpoint import _load_checkpoint
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmdet_vanillanet.checkpoint import (EXTRA_SAFE_GLOBALS_ENV, SAFE_GLOBALS,
-                                         CheckpointReadError, UnsafeCheckpointError,
-                                         install_safe_loading, load_checkpoint_file)
+from mmdet_vanillanet.checkpoint import (
+    EXTRA_SAFE_GLOBALS_ENV,
+    SAFE_GLOBALS,
+    CheckpointReadError,
+    UnsafeCheckpointError,
+    install_safe_loading,
+    load_checkpoint_file,
+)
 
 
 class ToyDataset(Dataset):

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from mmdet_vanillanet.datasets import (CLASSES, generate_synthetic_coco, synthetic_coco_metainfo,
-                                       validate_coco_file)
+from mmdet_vanillanet.datasets import CLASSES, generate_synthetic_coco, synthetic_coco_metainfo, validate_coco_file
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = dict(num_train=8, num_val=4, image_size=64, show_progress=False)

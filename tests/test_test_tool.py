@@ -10,16 +10,17 @@ import re
 import subprocess
 import sys
 
-import mmdet
 import mmengine
 import pytest
 import torch
 from mmengine.config import Config
+from tiny_detector import load_tool, make_data, tool_env, write_config
+
+import mmdet
+from mmdet.apis import DetInferencer
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
-from mmdet.apis import DetInferencer
 from mmdet_vanillanet.checkpoint import VanillaNetWeightsError, load_checkpoint_file
-from tiny_detector import load_tool, make_data, tool_env, write_config
 
 EMA_HOOK = dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002, update_buffers=True, priority=49)
 MMDET_TEST = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'test.py')

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from tiny_detector import ROOT, tool_env
 
 from mmdet_vanillanet.datasets import generate_synthetic_coco
-from tiny_detector import ROOT, tool_env
 
 CONFIG = '''
 _base_ = {root!r} + '/configs/demo/mask-rcnn_vanillanet_demo.py'

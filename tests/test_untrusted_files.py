@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.runner import CheckpointLoader
+from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import UnsafeCheckpointError, safe_load
 from mmdet_vanillanet.models import VanillaNet
-from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
 
 
 class Payload:
@@ -124,7 +124,7 @@ def test_train_backbone_init_cfg(setup, payload, tmp_path):
     root, config = setup
     with refused(payload):
         load_tool('train').main([config, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
-                                 f'model.backbone.init_cfg.type=Pretrained',
+                                 'model.backbone.init_cfg.type=Pretrained',
                                  f'model.backbone.init_cfg.checkpoint={payload}'])
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet.registry import MODELS
+
 from mmdet_vanillanet.models import ARCH_SETTINGS, VanillaNet, onednn_inference
 
 NARROW = dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2])
@@ -149,8 +150,9 @@ def test_switch_to_deploy_inside_detector():
                        bbox_coder=dict(type='DeltaXYWHBBoxCoder'),
                        loss_cls=dict(type='FocalLoss', use_sigmoid=True, loss_weight=1.0),
                        loss_bbox=dict(type='L1Loss')))
-    import mmdet_vanillanet  # noqa: F401
     from mmdet.utils import register_all_modules
+
+    import mmdet_vanillanet  # noqa: F401
     register_all_modules()
     detector = MODELS.build(cfg)
     detector.init_weights()
@@ -215,7 +217,8 @@ def test_frozen_stages_get_no_gradients_and_keep_statistics(frozen_stages):
         if in_frozen:
             assert torch.equal(value, before[name]), name
     assert all(p.grad is not None for m in trainable for p in m.parameters())
-    assert not torch.equal(net.stages[-1].act.bn.running_mean, before[f'stages.{net.num_blocks - 1}.act.bn.running_mean'])
+    last = f'stages.{net.num_blocks - 1}.act.bn.running_mean'
+    assert not torch.equal(net.stages[-1].act.bn.running_mean, before[last])
 
 
 def test_norm_eval_keeps_every_bn_in_eval_mode():

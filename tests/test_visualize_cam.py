@@ -16,9 +16,16 @@ from PIL import Image
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
+
 from mmdet_vanillanet.datasets import generate_synthetic_coco, synthetic_coco_metainfo
-from mmdet_vanillanet.visualization import (backbone_output_layers, box_contrast, detection_cam, load_detector,
-                                            resolve_layer, save_cam_figure)
+from mmdet_vanillanet.visualization import (
+    backbone_output_layers,
+    box_contrast,
+    detection_cam,
+    load_detector,
+    resolve_layer,
+    save_cam_figure,
+)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO_CONFIG = osp.join(ROOT, 'configs', 'demo', 'retinanet_vanillanet_demo.py')

@@ -11,8 +11,13 @@ from mmengine.logging import MMLogger
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet.registry import MODELS
-from mmdet_vanillanet.checkpoint import (VanillaNetWeightsError, check_backbone_state_dict, describe_state_dict,
-                                         load_pretrained_backbone)
+
+from mmdet_vanillanet.checkpoint import (
+    VanillaNetWeightsError,
+    check_backbone_state_dict,
+    describe_state_dict,
+    load_pretrained_backbone,
+)
 from mmdet_vanillanet.models import ARCH_SETTINGS, VanillaNet
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

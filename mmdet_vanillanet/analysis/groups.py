@@ -13,8 +13,15 @@ import torch
 from ..detector_utils import relative_deviation
 from .complexity import complexity, detector_complexity
 from .latency import time_interleaved
-from .models import (BASELINE_NAMES, DETECTOR_NAMES, PAPER, build_backbone, build_detector, detector_config,
-                     detector_inputs)
+from .models import (
+    BASELINE_NAMES,
+    DETECTOR_NAMES,
+    PAPER,
+    build_backbone,
+    build_detector,
+    detector_config,
+    detector_inputs,
+)
 from .options import FAST_ROW, TRAIN_ROW
 from .roofline import achieved_gflops, gemm_bound_seconds, gemm_flops, gemm_inputs, onednn_gemm_call
 
@@ -108,7 +115,7 @@ def run_backbone(report, options, log):
         notes[name] = [f'vs PyTorch: {check["max_rel"]:.1e} rel']
         extras[name] = dict(onnx_max_rel=check['max_rel'])
         x_numpy = x.cpu().numpy()
-        calls[name] = lambda: session.run(None, {'input': x_numpy})
+        calls[name] = lambda session=session: session.run(None, {'input': x_numpy})
     log(f'backbone: timing {len(calls)} rows round-robin, {options.warmup} warm-up + {options.repeats} rounds')
     with torch.no_grad():
         timings = time_interleaved(calls, options.warmup, options.repeats, device)

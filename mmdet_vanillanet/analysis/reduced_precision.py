@@ -27,8 +27,15 @@ from ..precision.bf16 import bf16_inference
 from ..precision.int8 import Int8Backbone, quantize_pt2e, quantize_vanillanet
 from .groups import _onnx_dir
 from .latency import time_interleaved
-from .models import (BASELINE_NAMES, DETECTOR_NAMES, build_backbone, build_detector, detector_config, detector_inputs,
-                     scale_preserving_init_)
+from .models import (
+    BASELINE_NAMES,
+    DETECTOR_NAMES,
+    build_backbone,
+    build_detector,
+    detector_config,
+    detector_inputs,
+    scale_preserving_init_,
+)
 from .roofline import gemm_flops, gemm_inputs
 
 ROOFLINE = 'reduced precision: roofline'

@@ -113,7 +113,8 @@ def precision_targets(report):
                          f'(target: bf16 no worse than fp32: {_met(after <= before)}).')
         if seconds['v16'] and seconds['ov16']:
             ratio = seconds['v16'] / seconds['ov16']
-            lines.append(f'{detector} bf16, PyTorch / OpenVINO latency: {ratio:.2f}x (target <= 1: {_met(ratio <= 1)}).')
+            lines.append(f'{detector} bf16, PyTorch / OpenVINO latency: {ratio:.2f}x '
+                         f'(target <= 1: {_met(ratio <= 1)}).')
     return lines
 
 

@@ -29,10 +29,9 @@ from mmengine.registry import DefaultScope
 
 from mmdet.testing import demo_mm_inputs
 
-from .latency import synchronize
 from ..detector_utils import quiet_mmengine
+from .latency import synchronize
 from .models import build_detector, detector_config
-
 
 
 def _status_kib(field):

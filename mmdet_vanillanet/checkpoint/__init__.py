@@ -5,9 +5,17 @@ Importing this package installs the safe loader (see :func:`install_safe_loading
 """
 from .key_layout import VanillaNetWeightsError, check_backbone_state_dict, describe_state_dict
 from .pretrained import load_pretrained_backbone
-from .safe_load import (EXTRA_SAFE_GLOBALS_ENV, SAFE_GLOBALS, CheckpointDownloadError, CheckpointNotFoundError,
-                        CheckpointReadError, UnsafeCheckpointError, install_safe_loading, load_checkpoint_file,
-                        read_checkpoint)
+from .safe_load import (
+                        EXTRA_SAFE_GLOBALS_ENV,
+                        SAFE_GLOBALS,
+                        CheckpointDownloadError,
+                        CheckpointNotFoundError,
+                        CheckpointReadError,
+                        UnsafeCheckpointError,
+                        install_safe_loading,
+                        load_checkpoint_file,
+                        read_checkpoint,
+)
 
 install_safe_loading()
 

@@ -14,8 +14,16 @@ import torch
 from mmengine.logging import print_log
 from mmengine.model.weight_init import PretrainedInit
 
-from .key_layout import (STATE_DICT_KEYS, VanillaNetWeightsError, difference_lines, first_keys, weights_label,
-                         misfit_message, compare_with_model, filter_state_dict, select_state_dict)
+from .key_layout import (
+    STATE_DICT_KEYS,
+    VanillaNetWeightsError,
+    compare_with_model,
+    difference_lines,
+    filter_state_dict,
+    misfit_message,
+    select_state_dict,
+    weights_label,
+)
 from .safe_load import read_checkpoint
 
 RELEASES_URL = 'https://github.com/huawei-noah/VanillaNet/releases'
@@ -85,7 +93,8 @@ def load_backbone_state_dict(backbone, state_dict, source='state dict', allow_pa
         skipped = diff['missing'] + diff['unexpected'] + sorted(bad_shapes)
         state_dict, loaded = {**model_state, **usable}, len(usable)
     backbone.load_state_dict(state_dict, strict=True)
-    return dict(source=source, arch=found.arch or weights_label(found), act_num=found.act_num, structure=found.structure,
+    return dict(source=source, arch=found.arch or weights_label(found), act_num=found.act_num,
+                structure=found.structure,
                 loaded=loaded, skipped=skipped)
 
 

@@ -26,11 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 from mmdet.registry import MODELS
 
+from ..arch import STEM_KERNEL, resolve_arch
 from ..checkpoint.key_layout import CLASSIFIER_KEY, check_backbone_state_dict
 from ..checkpoint.pretrained import check_pretrained_init_cfg, load_pretrained_backbone, split_pretrained_init_cfg
 from . import onednn_inference
 from .execution import Execution, choose_execution
-from ..arch import STEM_KERNEL, resolve_arch
 
 
 def _conv_bn(in_channels, out_channels, kernel_size, stride, padding, norm_cfg):

@@ -4,4 +4,5 @@ from .hooks import Fp32PostprocessHook, Int8BackboneHook, configure_test_precisi
 from .int8 import Int8VanillaNet, load_calibration, quantize_vanillanet, replace_with_int8, save_calibration
 
 __all__ = ['Fp32PostprocessHook', 'Int8BackboneHook', 'Int8VanillaNet', 'add_fp32_borders', 'bf16_available',
-           'bf16_inference', 'configure_test_precision', 'load_calibration', 'quantize_vanillanet', 'replace_with_int8', 'save_calibration']
+           'bf16_inference', 'configure_test_precision', 'load_calibration', 'quantize_vanillanet',
+           'replace_with_int8', 'save_calibration']

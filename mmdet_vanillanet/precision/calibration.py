@@ -55,7 +55,8 @@ def calibration_batches(model, dataset, num_images, seed=0):
         tuple[list[Tensor], list]: the image batches and the chosen images' ``img_id`` (or index).
     """
     if num_images < 1 or num_images > len(dataset):
-        raise ValueError(f'--num-images must lie in [1, {len(dataset)}] (the training split\'s size), got {num_images}.')
+        raise ValueError(f'--num-images must lie in [1, {len(dataset)}] (the training split\'s size), '
+                         f'got {num_images}.')
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
     if is_model_wrapper(model):
         model = model.module

@@ -66,7 +66,8 @@ def native_precisions(precisions):
         raise ValueError(f'Unknown precisions {sorted(unknown)}; choose from {", ".join(PRECISIONS)}.')
     left_out = [p for p in precisions if not native[p]]
     if left_out:
-        cpu_support.warn_once(f'Not measured: {", ".join(left_out)} (not native on this CPU: {cpu_support.describe()}).')
+        cpu_support.warn_once(f'Not measured: {", ".join(left_out)} (not native on this CPU: '
+                              f'{cpu_support.describe()}).')
     return [p for p in precisions if native[p]]
 
 
