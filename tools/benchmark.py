@@ -6,6 +6,7 @@ One run, one input, one table (Markdown, with machine, date, versions, load and 
     python tools/benchmark.py --only backbone                  # training structure vs fused, same run
     python tools/benchmark.py --only backbone --shape 640 960  # the speed targets' input
     python tools/benchmark.py --device cuda                    # on a GPU (ONNX Runtime rows are CPU-only)
+    python tools/benchmark.py --only precision                 # fp32 / bf16 / int8, against ResNet-50, Swin-T, OpenVINO
 
 Every model has random weights (no download): the benchmark measures cost, not accuracy.
 """
@@ -29,8 +30,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s, all cores)')
     parser.add_argument('--repeats', type=int, default=5, help='timed round-robin rounds (default: 5)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed calls of each row first (default: 1)')
-    parser.add_argument('--detectors', nargs='+', default=['retinanet', 'mask-rcnn'],
-                        choices=['retinanet', 'mask-rcnn'], help='detector sections (default: both)')
+    parser.add_argument('--detectors', nargs='*', default=['retinanet', 'mask-rcnn'],
+                        choices=['retinanet', 'mask-rcnn'],
+                        help='detector sections (default: both; none: --detectors)')
     parser.add_argument('--baselines', nargs='*', default=['r50', 'swin-t'], choices=['r50', 'swin-t'],
                         help='mmdet backbones to compare with (default: r50 swin-t; none: --baselines)')
     parser.add_argument('--compile', action='store_true',
