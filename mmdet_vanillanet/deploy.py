@@ -16,19 +16,16 @@ from mmengine.config import Config
 
 from .checkpoint.key_layout import count_parameters, select_state_dict, strip_module_prefix
 from .checkpoint.safe_load import read_checkpoint
-from .detector_utils import (
-    NonFiniteOutputsError,
+from .detectors import (
     build_detector,
     check_detector_state_dict,
-    detector_outputs,
     find_vanillanets,
     fuse_vanillanets,
     is_vanillanet_cfg,
-    random_batch,
-    relative_deviation,
     vanillanet_cfgs,
 )
 from .engine.act_learn_hook import META_KEY as ACT_LEARN_META_KEY
+from .output_comparison import NonFiniteOutputsError, detector_outputs, random_batch, relative_deviation
 
 # Checkpoint meta entries carried over to the deploy checkpoint (plain data only).
 KEPT_META = ('dataset_meta', 'epoch', 'iter', 'experiment_name', 'mmengine_version', 'seed')
@@ -139,7 +136,7 @@ def deploy_detector(config, checkpoint, out_dir, shape=(320, 320), num_images=2,
         num_images (int): number of random check images. Default: 2.
         seed (int): seed of the random images. Default: 0.
         tolerance (float): largest allowed deviation
-            (:func:`~mmdet_vanillanet.detector_utils.relative_deviation`). Default: 1e-3.
+            (:func:`~mmdet_vanillanet.output_comparison.relative_deviation`). Default: 1e-3.
 
     Returns:
         dict: ``config`` and ``checkpoint`` (written paths), ``fused`` (module names), ``max_abs``,

@@ -21,16 +21,9 @@ from mmengine.config import Config
 from mmdet.models.detectors import SingleStageDetector
 
 from .deploy import load_detector_checkpoint
-from .detector_utils import (
-    NonFiniteOutputsError,
-    build_detector,
-    flatten_tensors,
-    fuse_vanillanets,
-    padded_shape,
-    quiet_mmengine,
-    relative_deviation,
-)
+from .detectors import build_detector, fuse_vanillanets, quiet_mmengine
 from .models import VanillaNet
+from .output_comparison import NonFiniteOutputsError, flatten_tensors, padded_shape, relative_deviation
 
 DEFAULT_OPSET = 17
 
@@ -179,10 +172,10 @@ def check_onnx(session, module, inputs, tolerance=1e-4):
         module (nn.Module): the exported module (eval mode).
         inputs (Tensor): a batch.
         tolerance (float): largest allowed deviation
-            (:func:`~mmdet_vanillanet.detector_utils.relative_deviation`). Default: 1e-4.
+            (:func:`~mmdet_vanillanet.output_comparison.relative_deviation`). Default: 1e-4.
 
     Returns:
-        dict: as :func:`~mmdet_vanillanet.detector_utils.relative_deviation`.
+        dict: as :func:`~mmdet_vanillanet.output_comparison.relative_deviation`.
     """
     with torch.no_grad():
         reference = flatten_tensors(module(inputs))

@@ -19,7 +19,7 @@ from mmdet.registry import MODELS
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import CheckpointNotFoundError, CheckpointReadError, VanillaNetWeightsError
-from mmdet_vanillanet.datasets.checks import DataConfigError, DataNotFoundError
+from mmdet_vanillanet.datasets.config_checks import DataConfigError, DataNotFoundError
 from mmdet_vanillanet.models import VanillaNet
 
 

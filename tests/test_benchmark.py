@@ -22,8 +22,8 @@ from mmdet_vanillanet.analysis import (
     time_call,
     time_interleaved,
 )
+from mmdet_vanillanet.analysis.benchmark_models import DETECTORS, build_detector, detector_config
 from mmdet_vanillanet.analysis.latency import Timing
-from mmdet_vanillanet.analysis.models import DETECTORS, build_detector, detector_config
 from mmdet_vanillanet.analysis.options import FAST_ROW, TRAIN_ROW
 from mmdet_vanillanet.analysis.training_cost import training_cost
 from mmdet_vanillanet.models import VanillaNet

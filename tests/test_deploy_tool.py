@@ -242,7 +242,7 @@ def test_a_vanillanet_inside_a_list_gets_the_whole_config_written(tmp_path):
 
 
 def test_relative_deviation_measures_each_output_against_its_own_scale():
-    from mmdet_vanillanet.detector_utils import relative_deviation
+    from mmdet_vanillanet.output_comparison import relative_deviation
     reference = [torch.tensor([1.0, -2.0]), torch.tensor([10.0, 0.0]), torch.zeros(2)]
     result = relative_deviation(reference, [torch.tensor([1.0, -2.0]), torch.tensor([10.0, 0.5]),
                                             torch.tensor([0.0, 1e-3])])
@@ -253,7 +253,7 @@ def test_relative_deviation_measures_each_output_against_its_own_scale():
 
 
 def test_relative_deviation_fails_on_non_finite_values_and_names_them():
-    from mmdet_vanillanet.detector_utils import NonFiniteOutputsError, relative_deviation
+    from mmdet_vanillanet.output_comparison import NonFiniteOutputsError, relative_deviation
     finite = [torch.ones(3), torch.ones(2, 2)]
     with pytest.raises(NonFiniteOutputsError, match=r'outputs: output 1 holds 2 NaN \(of 4 values\)'):
         relative_deviation(finite, [torch.ones(3), torch.tensor([[1.0, float('nan')], [float('nan'), 1.0]])])
@@ -283,7 +283,7 @@ def test_deploy_refuses_a_detector_with_non_finite_outputs(tmp_path):
 def test_building_a_detector_leaves_the_callers_default_scope(tmp_path):
     from mmengine.registry import DefaultScope, init_default_scope
 
-    from mmdet_vanillanet.detector_utils import build_detector
+    from mmdet_vanillanet.detectors import build_detector
     init_default_scope('mmengine')
     model = build_detector(Config.fromfile(write_config(tmp_path)).model, init_weights=True)
     assert type(model).__name__ == 'RetinaNet' and not model.training

@@ -21,7 +21,7 @@ from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import load_checkpoint_file
-from mmdet_vanillanet.cli import build_runner, init_cpu_distributed
+from mmdet_vanillanet.tool_setup import build_runner, init_cpu_distributed
 
 SYNC_BN = dict(type='SyncBN', eps=1e-6)
 

@@ -171,7 +171,7 @@ def test_a_failed_check_leaves_no_onnx_file(tmp_path, failure):
     """
     from mmengine.config import Config
 
-    from mmdet_vanillanet.detector_utils import build_detector
+    from mmdet_vanillanet.detectors import build_detector
     config = tmp_path / 'tiny_retinanet.py'
     config.write_text(TOOL_CONFIG)
     model = build_detector(Config.fromfile(str(config)).model, init_weights=True)

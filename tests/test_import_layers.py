@@ -9,11 +9,11 @@ LAYERS = [
     ['arch', 'cpu_support'],
     ['checkpoint'],
     ['models'],
-    ['detector_utils'],
+    ['detectors', 'output_comparison'],
     ['engine', 'datasets'],
     ['convert', 'deploy', 'export', 'visualization'],
     ['precision'],
-    ['cli', 'demo'],
+    ['tool_setup', 'demo'],
     ['analysis'],
 ]
 

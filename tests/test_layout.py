@@ -23,7 +23,7 @@ from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 
 import mmdet_vanillanet  # noqa: F401  (registration)
-from mmdet_vanillanet.detector_utils import detector_outputs, relative_deviation
+from mmdet_vanillanet.output_comparison import detector_outputs, relative_deviation
 
 # mmcv ops that read backbone or neck feature maps, and what each does with channels-last input.
 LAYOUT_SENSITIVE_OPS = (mmcv_ops.RoIAlign, mmcv_ops.RoIPool, mmcv_ops.DeformConv2d, mmcv_ops.ModulatedDeformConv2d,

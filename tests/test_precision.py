@@ -15,15 +15,10 @@ from test_layout import ZOO, batch, build_pair, fixed_proposals
 
 import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet import cpu_support
-from mmdet_vanillanet.detector_utils import (
-    build_detector,
-    detector_outputs,
-    fuse_vanillanets,
-    random_batch,
-    relative_deviation,
-)
+from mmdet_vanillanet.detectors import build_detector, fuse_vanillanets
 from mmdet_vanillanet.models import VanillaNet, onednn_inference
 from mmdet_vanillanet.models.execution import Execution, choose_execution
+from mmdet_vanillanet.output_comparison import detector_outputs, random_batch, relative_deviation
 from mmdet_vanillanet.precision import add_fp32_borders, bf16_inference, quantize_vanillanet
 
 BF16_TOLERANCE = 3e-2   # backbone and detector outputs, bf16 against fp32

@@ -10,7 +10,7 @@ import torch
 from tiny_detector import load_tool, make_data, write_config
 
 from mmdet_vanillanet import cpu_support
-from mmdet_vanillanet.detector_utils import build_detector
+from mmdet_vanillanet.detectors import build_detector
 from mmdet_vanillanet.models import onednn_inference
 from mmdet_vanillanet.precision import Int8VanillaNet, load_calibration
 
@@ -69,7 +69,7 @@ def best_detections(predictions):
 def fused_checkpoint(tiny):
     from mmengine.config import Config
 
-    from mmdet_vanillanet.detector_utils import fuse_vanillanets
+    from mmdet_vanillanet.detectors import fuse_vanillanets
     config, checkpoint, folder = tiny
     model = build_detector(Config.fromfile(config).model)
     model.load_state_dict(torch.load(checkpoint)['state_dict'])

@@ -23,8 +23,8 @@ from mmdet.registry import HOOKS
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import load_checkpoint_file
-from mmdet_vanillanet.cli import find_resume_checkpoint, set_resume
 from mmdet_vanillanet.engine.rng_state_hook import RandomStateHook, capture_random_states, restore_random_states
+from mmdet_vanillanet.tool_setup import find_resume_checkpoint, set_resume
 
 
 @pytest.fixture(autouse=True)

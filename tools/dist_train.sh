@@ -2,7 +2,7 @@
 # Distributed training through torchrun and mmengine's DDP.
 #   tools/dist_train.sh CONFIG NUM_PROCS [train.py flags...]
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. PYTHON: the interpreter (default: the project's .venv).
-# Without CUDA the processes run on CPU with gloo (see mmdet_vanillanet.cli.init_cpu_distributed).
+# Without CUDA the processes run on CPU with gloo (see mmdet_vanillanet.tool_setup.init_cpu_distributed).
 set -euo pipefail
 CONFIG=$1
 NPROC=$2

@@ -5,9 +5,15 @@ from mmdet.engine.hooks.utils import trigger_visualization_hook
 from mmdet.evaluation import DumpDetResults
 
 import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe checkpoint loader)
-from mmdet_vanillanet.cli import add_precision_args, add_runner_args, build_runner, load_config, set_test_checkpoint
 from mmdet_vanillanet.engine import StrictLoadHook
 from mmdet_vanillanet.precision import configure_test_precision
+from mmdet_vanillanet.tool_setup import (
+    add_precision_args,
+    add_runner_args,
+    build_runner,
+    load_config,
+    set_test_checkpoint,
+)
 
 
 def parse_args(argv=None):

@@ -2,7 +2,7 @@
 import argparse
 
 import mmdet_vanillanet  # noqa: F401  (registers the plugin, installs the safe checkpoint loader)
-from mmdet_vanillanet.cli import add_runner_args, build_runner, load_config
+from mmdet_vanillanet.tool_setup import add_runner_args, build_runner, load_config
 
 
 def parse_args(argv=None):

@@ -10,10 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ..detector_utils import relative_deviation
-from .complexity import complexity, detector_complexity
-from .latency import time_interleaved
-from .models import (
+from ..output_comparison import relative_deviation
+from .benchmark_models import (
     BASELINE_NAMES,
     DETECTOR_NAMES,
     PAPER,
@@ -22,6 +20,8 @@ from .models import (
     detector_config,
     detector_inputs,
 )
+from .complexity import complexity, detector_complexity
+from .latency import time_interleaved
 from .options import FAST_ROW, TRAIN_ROW
 from .roofline import achieved_gflops, gemm_bound_seconds, gemm_flops, gemm_inputs, onednn_gemm_call
 

@@ -2,7 +2,7 @@
 config), the names of the rows the targets are read from, and the targets."""
 from dataclasses import dataclass
 
-from .models import recipe_backbone
+from .benchmark_models import recipe_backbone
 
 GROUPS = ('complexity', 'backbone', 'detector', 'onnx', 'training', 'precision')
 # Targets of the speed issue, checked (and printed) on the backbone rows.

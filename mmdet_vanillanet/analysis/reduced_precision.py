@@ -9,7 +9,7 @@
   for the exported fused RetinaNet.
 
 Each reduced-precision row's speed-up is against the same model in fp32, its note gives its output deviation
-from fp32. VanillaNets get scale-preserving random weights (:func:`.models.scale_preserving_init_`). Where the
+from fp32. VanillaNets get scale-preserving random weights (:func:`.benchmark_models.scale_preserving_init_`). Where the
 CPU lacks native bf16 or int8 the row says so and is not timed: emulation would measure the emulator.
 """
 import contextlib
@@ -21,13 +21,11 @@ import numpy as np
 import torch
 
 from .. import cpu_support
-from ..detector_utils import detector_outputs, flatten_tensors, relative_deviation
 from ..export import export_backbone, export_detector
+from ..output_comparison import detector_outputs, flatten_tensors, relative_deviation
 from ..precision.bf16 import bf16_inference
 from ..precision.int8 import Int8Backbone, quantize_pt2e, quantize_vanillanet
-from .groups import _onnx_dir
-from .latency import time_interleaved
-from .models import (
+from .benchmark_models import (
     BASELINE_NAMES,
     DETECTOR_NAMES,
     build_backbone,
@@ -36,6 +34,8 @@ from .models import (
     detector_inputs,
     scale_preserving_init_,
 )
+from .groups import _onnx_dir
+from .latency import time_interleaved
 from .roofline import gemm_flops, gemm_inputs
 
 ROOFLINE = 'reduced precision: roofline'

@@ -29,9 +29,9 @@ from mmengine.registry import DefaultScope
 
 from mmdet.testing import demo_mm_inputs
 
-from ..detector_utils import quiet_mmengine
+from ..detectors import quiet_mmengine
+from .benchmark_models import build_detector, detector_config
 from .latency import synchronize
-from .models import build_detector, detector_config
 
 
 def _status_kib(field):
@@ -65,7 +65,7 @@ def training_cost(detector='retinanet', with_cp=False, shape=(320, 480), batch=2
         steps (int): timed steps. Default: 3.
         warmup_steps (int): untimed steps first (their memory counts in the peak). Default: 1.
         device (str): Default: 'cpu'.
-        arch, act_num: another VanillaNet (see :func:`~.models.detector_config`). Default: the config's.
+        arch, act_num: another VanillaNet (see :func:`~.benchmark_models.detector_config`). Default: the config's.
         seed (int): random seed of the weights and the synthetic batch. Default: 0.
 
     Returns:

@@ -6,7 +6,7 @@ from mmengine.logging import print_log
 
 from mmdet.registry import HOOKS
 
-from ..detector_utils import find_vanillanets
+from ..detectors import find_vanillanets
 
 META_KEY = 'act_learn'
 

@@ -4,7 +4,7 @@ from mmengine.hooks import Hook
 from mmdet.registry import HOOKS
 
 from ..checkpoint.key_layout import strip_module_prefix
-from ..detector_utils import check_detector_state_dict
+from ..detectors import check_detector_state_dict
 
 
 @HOOKS.register_module()

@@ -18,8 +18,9 @@ from mmengine.registry import DefaultScope
 from mmdet.registry import DATASETS
 
 from ..deploy import load_detector_checkpoint
-from ..detector_utils import build_detector, fuse_vanillanets, relative_deviation
+from ..detectors import build_detector, fuse_vanillanets
 from ..models import VanillaNet
+from ..output_comparison import relative_deviation
 from .int8 import quantize_vanillanet, save_calibration
 
 
@@ -115,7 +116,7 @@ def write_int8_calibration(config, checkpoint, out, num_images=32, seed=0):
 
     Returns:
         dict: ``out``, ``num_images``, ``max_rel`` (int8 against fp32 backbone outputs on the first
-        calibration image, :func:`~mmdet_vanillanet.detector_utils.relative_deviation`).
+        calibration image, :func:`~mmdet_vanillanet.output_comparison.relative_deviation`).
     """
     cfg = Config.fromfile(config)
     model = build_detector(cfg.model)

@@ -14,7 +14,7 @@ from mmengine.dataset import pseudo_collate
 from mmengine.runner import Runner
 
 from .. import cpu_support
-from ..detector_utils import detector_outputs, relative_deviation
+from ..output_comparison import detector_outputs, relative_deviation
 from .bf16 import bf16_inference
 from .calibration import write_int8_calibration
 from .hooks import configure_test_precision

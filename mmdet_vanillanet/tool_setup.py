@@ -20,8 +20,8 @@ from mmengine.runner import Runner
 
 from .checkpoint.pretrained import check_pretrained_init_cfg
 from .checkpoint.safe_load import CheckpointReadError, check_checkpoint_file
-from .datasets.checks import check_data_config
-from .detector_utils import vanillanet_cfgs
+from .datasets.config_checks import check_data_config
+from .detectors import vanillanet_cfgs
 
 # names mmengine's CheckpointHook gives checkpoints, newest first when sorted by time
 CHECKPOINT_PATTERNS = ('epoch_*.pth', 'iter_*.pth', 'best_*.pth')
@@ -56,7 +56,7 @@ def load_config(args, splits=()):
             ``resume`` for training).
         splits (Sequence[str]): the splits the tool reads (``'train'``, ``'val'``, ``'test'``): their data
             roots, image folders and annotation files are checked now (see
-            :func:`mmdet_vanillanet.datasets.checks.check_data_config`). Default: none.
+            :func:`mmdet_vanillanet.datasets.config_checks.check_data_config`). Default: none.
     """
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     if not osp.isfile(args.config):

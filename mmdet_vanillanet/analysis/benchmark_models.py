@@ -12,10 +12,11 @@ import torch
 from mmengine.config import Config
 from mmengine.hub import get_config
 
-from .. import detector_utils
+from .. import detectors
 from ..deploy import deploy_config
-from ..detector_utils import quiet_mmengine, random_batch
+from ..detectors import quiet_mmengine
 from ..models import VanillaNet
+from ..output_comparison import random_batch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -90,7 +91,7 @@ def scale_preserving_init_(model):
     Args:
         model (nn.Module): a VanillaNet or a detector holding one; changed in place and returned.
     """
-    for net in detector_utils.find_vanillanets(model):
+    for net in detectors.find_vanillanets(model):
         for module in net.modules():
             weight = getattr(module, 'weight', None)
             if isinstance(weight, torch.nn.Parameter) and weight.dim() == 4:
@@ -149,7 +150,7 @@ def build_detector(cfg, device='cpu', init=True):
         init (bool): run ``init_weights`` (the configs' random initialisation). Default: True.
     """
     with quiet_mmengine():
-        model = detector_utils.build_detector(cfg.model, init_weights=init)
+        model = detectors.build_detector(cfg.model, init_weights=init)
     return model.to(device).eval()
 
 
