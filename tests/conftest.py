@@ -1,4 +1,5 @@
 import pytest
+import torch
 from mmengine.registry import init_default_scope
 
 
@@ -6,3 +7,14 @@ from mmengine.registry import init_default_scope
 def mmdet_default_scope():
     """Every test starts in mmdet's registry scope, whatever a previous test's Runner left behind."""
     init_default_scope('mmdet')
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures('one_thread')``): tiny
+    models and tool runs in process run fastest on one thread, most of all on a shared CPU, where threads
+    spin-waiting for each other made one training iteration 5-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

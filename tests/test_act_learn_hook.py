@@ -17,16 +17,9 @@ import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet.engine import ActLearnHook
 from mmdet_vanillanet.models import VanillaNet
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 ITERS_PER_EPOCH = 4  # 8 images, batch 2 (by-epoch runs)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The toy model is tiny: one thread is faster than several competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ToyModel(BaseModel):

@@ -22,13 +22,7 @@ from mmdet_vanillanet.checkpoint import CheckpointNotFoundError, CheckpointReadE
 from mmdet_vanillanet.datasets.config_checks import DataConfigError, DataNotFoundError
 from mmdet_vanillanet.models import VanillaNet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

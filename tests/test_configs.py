@@ -25,6 +25,8 @@ import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet.engine.layer_decay import default_num_layers
 from mmdet_vanillanet.models import ARCH_SETTINGS, VanillaNet, resolve_arch
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'configs'
 CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob('*.py') if '_base_' not in p.parts)
@@ -47,16 +49,6 @@ MAX_EPOCHS = 12
 GPUS, IMAGES_PER_GPU = 8, 4
 NEEDS_CUDA = ('AmpOptimWrapper needs CUDA (mmengine asserts it); '
               'on CPU only loading and building are tested')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny tensors run fastest on one thread, most of all on a shared CPU: several threads
-    spin-waiting for each other made one training iteration 5-10x slower here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,15 +23,9 @@ import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import load_checkpoint_file
 from mmdet_vanillanet.tool_setup import build_runner, init_cpu_distributed
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 SYNC_BN = dict(type='SyncBN', eps=1e-6)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def free_port():

@@ -25,18 +25,12 @@ from mmdet.testing import demo_mm_inputs
 import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet.output_comparison import detector_outputs, relative_deviation
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 # mmcv ops that read backbone or neck feature maps, and what each does with channels-last input.
 LAYOUT_SENSITIVE_OPS = (mmcv_ops.RoIAlign, mmcv_ops.RoIPool, mmcv_ops.DeformConv2d, mmcv_ops.ModulatedDeformConv2d,
                         mmcv_ops.CARAFE, mmcv_ops.CARAFENaive, mmcv_ops.CARAFEPack, mmcv_ops.MaskedConv2d,
                         mmcv_ops.DeformRoIPool, mmcv_ops.MultiScaleDeformableAttention)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- what mmcv's ops do with a channels-last feature map ---------------------------------------

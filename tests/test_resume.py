@@ -26,13 +26,7 @@ from mmdet_vanillanet.checkpoint import load_checkpoint_file
 from mmdet_vanillanet.engine.rng_state_hook import RandomStateHook, capture_random_states, restore_random_states
 from mmdet_vanillanet.tool_setup import find_resume_checkpoint, set_resume
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def draws():

@@ -22,16 +22,10 @@ from mmdet.apis import DetInferencer
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import VanillaNetWeightsError, load_checkpoint_file
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 EMA_HOOK = dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002, update_buffers=True, priority=49)
 MMDET_TEST = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'test.py')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

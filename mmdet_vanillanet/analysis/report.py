@@ -102,7 +102,7 @@ def precision_targets(report):
         seconds = {key: _seconds(report, section, name) for key, name in (
             ('v32', f'{vanilla}, fp32'), ('v16', f'{vanilla}, bf16 (autocast, fp32 post-processing)'),
             ('r32', 'ResNet-50, fp32'), ('r16', 'ResNet-50, bf16 (autocast, fp32 post-processing)'),
-            ('ov16', f'{vanilla}, OpenVINO bf16, tensor outputs'))}
+            ('ov16', f'{vanilla}, OpenVINO bf16'))}
         if seconds['v32'] and seconds['v16']:
             speedup = seconds['v32'] / seconds['v16']
             lines.append(f'{detector} bf16: {speedup:.2f}x faster than fp32 (target >= {TARGET_BF16_SPEEDUP}x: '
