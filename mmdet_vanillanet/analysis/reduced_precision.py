@@ -41,6 +41,8 @@ from .roofline import gemm_flops, gemm_inputs
 ROOFLINE = 'reduced precision: roofline'
 BACKBONE = 'reduced precision: backbone'
 VANILLANET = 'VanillaNet-13 fused'
+# backbones whose int8 rows are measured (PT2E with the X86 inductor quantizer: convs, pools)
+INT8_BACKBONES = ('vanillanet', 'r50')
 NOT_NATIVE = {'bf16': 'not measured: no native bf16 on this CPU', 'int8': 'not measured: no native int8 on this CPU'}
 
 
@@ -199,7 +201,10 @@ def _detector_variants(model, inputs, backbone, label, log, report, section):
     variants = {}
     if _native('bf16'):
         variants['bf16 (autocast, fp32 post-processing)'] = lambda: bf16_inference(model)
-    if _native('int8'):
+    if _native('int8') and backbone not in INT8_BACKBONES:
+        report.row(section, f'{label}, int8').notes.append(
+            'not measured: the int8 rows quantize convolutional backbones (PT2E on Swin-T took over 8 min here)')
+    elif _native('int8'):
         log(f'precision: int8 backbone of {label} (PT2E, inductor compile)')
         images = [torch.randn(1, 3, *inputs.shape[-2:], generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
         int8 = quantize_vanillanet(model.backbone, calibration_inputs=images) if backbone == 'vanillanet' else \
