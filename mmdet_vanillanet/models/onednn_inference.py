@@ -19,7 +19,8 @@ PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def _conv(x, weight, bias, conv, relu=False):
-    """``conv``'s geometry (a Conv2d) with ``weight`` / ``bias`` on a oneDNN tensor; ReLU as a post-op."""
+    """``conv``'s geometry (a Conv2d) with ``weight`` / ``bias``, on a oneDNN or channels-last tensor; ReLU as
+    a post-op."""
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
                                                    list(conv.dilation), conv.groups, 'relu' if relu else 'none',
                                                    [None], None)

@@ -216,13 +216,14 @@ class VanillaNet(BaseModule):
             deformable convs read their input's memory as NCHW (channels-last maps give wrong RoI
             features silently, or "input must be contiguous"). Default: True.
         fast_inference (bool): fused structure only: on CPU, without autograd (``torch.no_grad`` /
-            ``torch.inference_mode``), run the network on oneDNN tensors in its blocked layout (nChw16c), where
-            its direct depthwise kernel runs the series activation about twice as fast as on channels-last
-            tensors, and with every ReLU fused into the conv before it. In fp32, and in bf16 under
-            ``torch.autocast('cpu', dtype=torch.bfloat16)`` on a CPU with native bf16 (the fused weights are
-            converted to bf16 once). Same operations, same outputs up to float rounding. Everything else
-            (training, gradients, CUDA, tracing, ONNX export, ``torch.compile``, the ada-pool variant, forward
-            hooks on a submodule, a torch build whose oneDNN ops fail a one-time probe) takes the plain path;
+            ``torch.inference_mode``), run the network through oneDNN's convolutions with every ReLU fused
+            into the conv before it: in fp32 on oneDNN's blocked layout (nChw16c), where its direct
+            depthwise kernel runs the series activation fast; under ``torch.autocast('cpu',
+            dtype=torch.bfloat16)`` in bf16 on channels-last tensors, with the fused weights converted to bf16
+            once (a CPU without native bf16 emulates it, with one warning). Same operations, same outputs up
+            to float rounding. Everything else (training, gradients, CUDA, tracing, ONNX export,
+            ``torch.compile``, the ada-pool variant, forward hooks on a submodule, a torch build whose oneDNN
+            ops fail a one-time probe) takes the plain path;
             :func:`mmdet_vanillanet.models.execution.choose_execution` is that decision. Default: True.
         init_cfg (dict | list[dict] | None): mmengine init config; ``None`` means the paper's
             from-scratch init (truncated normal std 0.02, biases 0). Default: None.

@@ -1,7 +1,7 @@
 """int8 inference of the fused VanillaNet inside any detector: post-training static quantization (PT2E).
 
 The route, chosen by measurement (docs/precision.md): ``torch.export`` of the fused backbone with dynamic
-height and width, torchao's ``X86InductorQuantizer`` (per-channel int8 weights, int8 activations calibrated
+batch, height and width, torchao's ``X86InductorQuantizer`` (per-channel int8 weights, int8 activations calibrated
 by histogram observers; the 1x1 convs, the max pools and the series activations' depthwise convs all run in
 int8), then ``torch.compile`` with inductor freezing, which lowers the quantized convs to oneDNN's int8
 kernels (VNNI / AMX-INT8). Under ``torch.autocast('cpu', torch.bfloat16)`` the same model runs
@@ -56,6 +56,8 @@ def _export(module, example, stride):
     height = torch.export.Dim('height_blocks', min=1, max=4096 // stride)
     width = torch.export.Dim('width_blocks', min=1, max=4096 // stride)
     spec = {'x': {0: batch, 2: stride * height, 3: stride * width}}
+    # strict (Dynamo) export records each functional conv's source, so the quantizer annotates the series
+    # activations' depthwise convs too; a non-strict export leaves them in fp32
     return torch.export.export(module, (example,), dynamic_shapes=spec, strict=True).module()
 
 
