@@ -10,6 +10,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.runner import Runner
 
@@ -52,7 +53,8 @@ def seconds_per_image(model, dataloader, num_images, warmup=2, context=nullconte
     return float(np.median(times))
 
 
-def _check_batch(model, dataloader, num_images=2):
+def _first_images(model, dataloader, num_images=2):
+    """The first ``num_images`` test images as one preprocessed batch: what the deviations are measured on."""
     data = pseudo_collate([dataloader.dataset[i] for i in range(num_images)])
     data = model.data_preprocessor(data, False)
     return data['inputs'], data['data_samples']
@@ -88,7 +90,6 @@ def compare_precisions(config, checkpoint, work_dir, precisions=PRECISIONS, cali
         fp32 on two val images, two-stage detectors at fp32's proposals), ``seconds_per_image``; int8 also
         ``calibration`` (the file).
     """
-    from mmengine.config import Config
     base = Config.fromfile(config)
     base.load_from = checkpoint
     results, reference = {}, None
@@ -105,7 +106,7 @@ def compare_precisions(config, checkpoint, work_dir, precisions=PRECISIONS, cali
         model = runner.model.eval()
         context = (lambda: bf16_inference(model)) if precision == 'bf16' else nullcontext
         dataloader = batch1_dataloader(runner)
-        inputs, samples = _check_batch(model, dataloader)
+        inputs, samples = _first_images(model, dataloader)
         with context():
             outputs, proposals = detector_outputs(model, inputs, samples, reference and reference[1])
         if reference is None:
