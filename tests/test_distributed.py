@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
-from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
+from tiny_detector import ROOT, load_tool, make_data, run_together, tool_env, write_config
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import load_checkpoint_file
@@ -113,20 +113,10 @@ def test_two_nodes_of_one_process_equal_one_process(tmp_path):
     data = make_data(tmp_path / 'data')
     two = fcos_config(tmp_path / 'two.py', data, batch_size=2)
     port = str(free_port())
-    nodes = [subprocess.Popen(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), two, '1', '--work-dir',
-                               str(tmp_path / f'node{rank}')], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=tool_env(PYTHON=sys.executable, NNODES='2', NODE_RANK=str(rank),
-                                           MASTER_ADDR='127.0.0.1', PORT=port))
-             for rank in (0, 1)]
-    try:
-        logs = [node.communicate(timeout=600)[0] for node in nodes]
-    except subprocess.TimeoutExpired:
-        pytest.fail('the two nodes did not finish within 10 minutes')
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    logs = run_together([['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), two, '1', '--work-dir',
+                          str(tmp_path / f'node{rank}')] for rank in (0, 1)], timeout=600, cwd=ROOT,
+                        envs=[tool_env(PYTHON=sys.executable, NNODES='2', NODE_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                                       PORT=port) for rank in (0, 1)])
     assert 'GPU number: 2' in logs[0]
     assert not list((tmp_path / 'node1').glob('epoch_*.pth'))  # rank 0 (node 0) writes the checkpoints
     assert_equal_to_one_process(data, tmp_path, tmp_path / 'node0')

@@ -12,7 +12,6 @@ import os
 import os.path as osp
 import pickle
 import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.runner import CheckpointLoader
-from tiny_detector import ROOT, load_tool, make_data, tool_env, write_config
+from tiny_detector import ROOT, load_tool, make_data, run_together, tool_env, write_config
 
 import mmdet_vanillanet  # noqa: F401  (registration, safe loader)
 from mmdet_vanillanet.checkpoint import UnsafeCheckpointError, safe_load
@@ -272,18 +271,8 @@ def test_every_process_of_a_distributed_run_raises_the_same_error(server, tmp_pa
                 login=f'{base}/login.pth', payload=payload, good=f'{base}/good.pth')
     port, env = free_port(), tool_env(TORCH_HOME=str(tmp_path / 'torch_home'))
     worker = osp.join(ROOT, 'tests', 'url_loading_worker.py')
-    processes = [subprocess.Popen([sys.executable, worker, str(rank), '2', str(port), str(tmp_path / f'{rank}.json'),
-                                   *urls.values()], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
-                 for rank in (0, 1)]
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in processes]
-    except subprocess.TimeoutExpired:
-        pytest.fail('the processes hung')
-    finally:
-        for process in processes:
-            process.kill()
-    assert [p.returncode for p in processes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    run_together([[sys.executable, worker, str(rank), '2', str(port), str(tmp_path / f'{rank}.json'), *urls.values()]
+                  for rank in (0, 1)], timeout=180, env=env)
     rank0, rank1 = (json.loads((tmp_path / f'{rank}.json').read_text()) for rank in (0, 1))
     assert rank0 == rank1
     outcome = {name: rank0[url] for name, url in urls.items()}

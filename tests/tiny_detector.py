@@ -168,3 +168,31 @@ def load_tool(tool):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_together(commands, timeout, envs=None, **popen_kwargs):
+    """Start every command at once (the ranks of one job), wait for all, fail the test if one hangs or fails.
+
+    Args:
+        commands (Sequence[list[str]]): one argument list per process.
+        timeout (float): seconds for all of them; a hang fails the test instead of blocking the suite.
+        envs (Sequence[dict] | None): one environment per process (e.g. each rank's), or None.
+        **popen_kwargs: for every ``subprocess.Popen`` (``env``, ``cwd``, ...).
+
+    Returns:
+        list[str]: each process's output (stdout and stderr).
+    """
+    import pytest
+    envs = envs or [popen_kwargs.pop('env', None)] * len(commands)
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                  **popen_kwargs) for command, env in zip(commands, envs)]
+    try:
+        logs = [process.communicate(timeout=timeout)[0] for process in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f'{len(processes)} processes did not finish within {timeout} s (a hang)')
+    finally:
+        for process in processes:
+            process.kill()
+    codes = [process.returncode for process in processes]
+    assert codes == [0] * len(processes), f'exit codes {codes}:\n' + '\n'.join(log[-3000:] for log in logs)
+    return logs
