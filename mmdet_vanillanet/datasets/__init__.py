@@ -1,4 +1,7 @@
-"""Datasets: a synthetic COCO-format instance-segmentation set of coloured shapes for demos and tests."""
-from .synthetic_coco import CLASSES, generate_synthetic_coco, synthetic_coco_metainfo, validate_coco_file
+"""Datasets: synthetic COCO-format shapes for demos and tests; checks of data configs and COCO annotation files."""
+from .coco_file_checks import check_coco_annotations, validate_coco_file
+from .errors import DataConfigError, DataNotFoundError
+from .synthetic_coco import CLASSES, generate_synthetic_coco, synthetic_coco_metainfo
 
-__all__ = ['CLASSES', 'generate_synthetic_coco', 'synthetic_coco_metainfo', 'validate_coco_file']
+__all__ = ['CLASSES', 'DataConfigError', 'DataNotFoundError', 'check_coco_annotations', 'generate_synthetic_coco',
+           'synthetic_coco_metainfo', 'validate_coco_file']

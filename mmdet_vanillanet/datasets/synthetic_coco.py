@@ -12,9 +12,7 @@ Layout written under ``out_dir``::
     annotations/instances_train.json  annotations/instances_val.json
     meta.json                         the parameters it was made with (used to skip regeneration)
 """
-import contextlib
 import glob
-import io
 import json
 import os
 import os.path as osp
@@ -24,7 +22,8 @@ import cv2
 import numpy as np
 from mmengine.utils import ProgressBar
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
+
+from .coco_file_checks import validate_coco_file
 
 CLASSES = ('circle', 'square', 'triangle', 'star', 'cross')
 PALETTE = ((220, 20, 60), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180))
@@ -84,9 +83,21 @@ def generate_synthetic_coco(out_dir: str,
         dict[str, str]: ``root``, ``meta_file``, and ``{split}_img_dir`` / ``{split}_ann_file`` for
         ``split`` in ``('train', 'val')``.
     """
+    params = _generation_params(num_train, num_val, image_size, num_objects, object_size, min_visible_fraction,
+                                min_area, seed)
+    paths = _dataset_paths(out_dir)
+    if force or not _is_cached(paths, params):
+        _write_dataset(paths, params, show_progress)
+    return paths
+
+
+def _generation_params(num_train: int, num_val: int, image_size: Union[int, Sequence[int]],
+                       num_objects: Tuple[int, int], object_size: Tuple[float, float], min_visible_fraction: float,
+                       min_area: int, seed: int) -> dict:
+    """The checked arguments of :func:`generate_synthetic_coco` as ``meta.json`` records them."""
     width, height = _parse_image_size(image_size)
     _check_ranges(num_objects, object_size, min_visible_fraction)
-    params = dict(
+    return dict(
         generator_version=GENERATOR_VERSION,
         num_train=int(num_train),
         num_val=int(num_val),
@@ -98,10 +109,10 @@ def generate_synthetic_coco(out_dir: str,
         min_area=int(min_area),
         seed=int(seed),
         classes=list(CLASSES))
-    paths = _dataset_paths(out_dir)
-    if not force and _is_cached(paths, params):
-        return paths
 
+
+def _write_dataset(paths: Dict[str, str], params: dict, show_progress: bool) -> None:
+    """Replace what an earlier run wrote by both splits' images and checked annotation files, then ``meta.json``."""
     _remove_generated_files(paths)
     for split in SPLITS:
         os.makedirs(paths[f'{split}_img_dir'], exist_ok=True)
@@ -117,50 +128,6 @@ def generate_synthetic_coco(out_dir: str,
     # Written last: a dataset interrupted half-way never looks complete.
     with open(paths['meta_file'], 'w') as f:
         json.dump(params, f, indent=2, sort_keys=True)
-    return paths
-
-
-def validate_coco_file(ann_file: str, img_dir: str) -> None:
-    """Load a COCO instance file with pycocotools and check it against its images.
-
-    Checks that every image file exists with the recorded size, every annotation points at a known image
-    and category, and its mask decodes to exactly its ``area`` and ``bbox``.
-
-    Args:
-        ann_file (str): Path of the COCO json.
-        img_dir (str): Folder the images' ``file_name`` are relative to.
-
-    Raises:
-        ValueError: Naming the file and the first problem found.
-    """
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            coco = COCO(ann_file)
-    except Exception as e:  # pycocotools raises bare AssertionErrors/KeyErrors on malformed files
-        raise ValueError(f'{ann_file}: pycocotools cannot load it ({type(e).__name__}: {e})') from e
-
-    def fail(msg: str) -> None:
-        raise ValueError(f'{ann_file}: {msg}; regenerate the dataset with force=True')
-
-    if not coco.getCatIds():
-        fail('no categories')
-    for img in coco.dataset.get('images', []):
-        path = osp.join(img_dir, img['file_name'])
-        if not osp.isfile(path):
-            fail(f'image {path} is missing')
-        shape = cv2.imread(path, cv2.IMREAD_UNCHANGED).shape
-        if shape[:2] != (img['height'], img['width']):
-            fail(f'image {path} is {shape[1]}x{shape[0]}, json says {img["width"]}x{img["height"]}')
-    for ann in coco.dataset.get('annotations', []):
-        if ann['image_id'] not in coco.imgs:
-            fail(f'annotation {ann["id"]} refers to unknown image {ann["image_id"]}')
-        if ann['category_id'] not in coco.cats:
-            fail(f'annotation {ann["id"]} has unknown category {ann["category_id"]}')
-        mask = coco.annToMask(ann)
-        if int(mask.sum()) != ann['area'] or ann['area'] <= 0:
-            fail(f'annotation {ann["id"]}: area {ann["area"]} but its mask has {int(mask.sum())} pixels')
-        if _mask_bbox(mask) != [float(v) for v in ann['bbox']]:
-            fail(f'annotation {ann["id"]}: bbox {ann["bbox"]} is not its mask\'s extent {_mask_bbox(mask)}')
 
 
 def _generate_split(split_code: int, num_images: int, params: dict, img_dir: str,
@@ -319,14 +286,6 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray) -> No
     ramp = np.cos(angle) * (xs - xs.mean()) + np.sin(angle) * (ys - ys.mean())
     ramp = ramp / max(float(np.abs(ramp).max()), 1.0) * rng.uniform(0, 20)
     canvas[mask] = np.clip(best + ramp[:, None], 0, 255)
-
-
-def _mask_bbox(mask: np.ndarray) -> List[float]:
-    """``[x, y, w, h]`` of the smallest box around the mask's pixels."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
 
 
 def _dataset_paths(out_dir: str) -> Dict[str, str]:
