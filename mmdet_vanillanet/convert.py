@@ -5,14 +5,9 @@ Builds the network to fuse, so it sits above :mod:`mmdet_vanillanet.models` and
 """
 import torch
 
-from .checkpoint.key_layout import (
-    VanillaNetWeightsError,
-    count_parameters,
-    describe_state_dict,
-    first_keys,
-    weights_label,
-)
 from .checkpoint.pretrained import read_backbone_weights
+from .checkpoint.weights_description import count_parameters, describe_state_dict, weights_label
+from .checkpoint.weights_error import VanillaNetWeightsError, first_keys
 from .models import VanillaNet
 
 

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 import torch
 from mmengine.config import Config
 
-from .checkpoint.key_layout import count_parameters, select_state_dict, strip_module_prefix
 from .checkpoint.safe_load import read_checkpoint
+from .checkpoint.state_dict_selection import select_state_dict, strip_module_prefix
+from .checkpoint.weights_description import count_parameters
 from .detectors import (
     build_detector,
     check_detector_state_dict,

@@ -18,7 +18,8 @@ from mmengine.registry import DefaultScope
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 
-from .checkpoint.key_layout import VanillaNetWeightsError, check_backbone_state_dict, difference_lines, key_differences
+from .checkpoint.weights_error import VanillaNetWeightsError
+from .checkpoint.weights_fit import check_backbone_state_dict, difference_lines, key_differences
 from .models import VanillaNet
 
 

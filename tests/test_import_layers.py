@@ -7,6 +7,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'mmdet_vanillanet'
 # lowest first; a module may import modules of its own layer or below
 LAYERS = [
     ['arch', 'cpu_support'],
+    # inside checkpoint/: the error and the reading of files, what weights say, whether they fit, loading them
+    ['checkpoint.weights_error', 'checkpoint.safe_load'],
+    ['checkpoint.weights_description', 'checkpoint.state_dict_selection'],
+    ['checkpoint.weights_fit'],
     ['checkpoint'],
     ['models'],
     ['detectors', 'output_comparison'],

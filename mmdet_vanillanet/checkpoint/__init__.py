@@ -3,7 +3,6 @@
 Importing this package installs the safe loader (see :func:`install_safe_loading`), so that
 ``custom_imports=dict(imports=['mmdet_vanillanet'])`` is enough for mmdet's and mmengine's tools.
 """
-from .key_layout import VanillaNetWeightsError, check_backbone_state_dict, describe_state_dict
 from .pretrained import load_pretrained_backbone
 from .safe_load import (
                         EXTRA_SAFE_GLOBALS_ENV,
@@ -16,6 +15,9 @@ from .safe_load import (
                         load_checkpoint_file,
                         read_checkpoint,
 )
+from .weights_description import describe_state_dict
+from .weights_error import VanillaNetWeightsError
+from .weights_fit import check_backbone_state_dict
 
 install_safe_loading()
 

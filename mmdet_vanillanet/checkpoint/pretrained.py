@@ -14,17 +14,11 @@ import torch
 from mmengine.logging import print_log
 from mmengine.model.weight_init import PretrainedInit
 
-from .key_layout import (
-    STATE_DICT_KEYS,
-    VanillaNetWeightsError,
-    compare_with_model,
-    difference_lines,
-    filter_state_dict,
-    misfit_message,
-    select_state_dict,
-    weights_label,
-)
 from .safe_load import read_checkpoint
+from .state_dict_selection import STATE_DICT_KEYS, filter_state_dict, select_state_dict
+from .weights_description import weights_label
+from .weights_error import VanillaNetWeightsError
+from .weights_fit import compare_with_model, difference_lines, misfit_message
 
 RELEASES_URL = 'https://github.com/huawei-noah/VanillaNet/releases'
 DETECTION_CHECKPOINT = 'vanillanet_13_act_num_4_kd_pretrain.pth'

@@ -3,7 +3,7 @@ from mmengine.hooks import Hook
 
 from mmdet.registry import HOOKS
 
-from ..checkpoint.key_layout import strip_module_prefix
+from ..checkpoint.state_dict_selection import strip_module_prefix
 from ..detectors import check_detector_state_dict
 
 

@@ -27,8 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from mmdet.registry import MODELS
 
 from ..arch import STEM_KERNEL, resolve_arch
-from ..checkpoint.key_layout import CLASSIFIER_KEY, check_backbone_state_dict
 from ..checkpoint.pretrained import check_pretrained_init_cfg, load_pretrained_backbone, split_pretrained_init_cfg
+from ..checkpoint.state_dict_selection import CLASSIFIER_KEY
+from ..checkpoint.weights_fit import check_backbone_state_dict
 from . import onednn_inference
 from .execution import Execution, choose_execution
 
