@@ -8,6 +8,7 @@ import torch
 from .checkpoint.pretrained import read_backbone_weights
 from .checkpoint.weights_description import count_parameters, describe_state_dict, weights_label
 from .checkpoint.weights_error import VanillaNetWeightsError, first_keys
+from .checkpoint.weights_fit import fill_num_batches_tracked
 from .models import VanillaNet
 
 
@@ -28,11 +29,7 @@ def fuse_state_dict(state_dict):
     arch = dict(dims=info.dims, strides=[1] * info.num_blocks)
     with torch.device('meta'):
         net = VanillaNet(arch=arch, act_num=info.act_num, in_channels=info.in_channels)
-    state_dict = dict(state_dict)
-    for k in net.state_dict():
-        if k.endswith('num_batches_tracked') and k not in state_dict:
-            state_dict[k] = torch.tensor(0)
-    net.load_state_dict(state_dict, strict=True, assign=True)
+    net.load_state_dict(fill_num_batches_tracked(state_dict, net.state_dict()), strict=True, assign=True)
     net.eval().switch_to_deploy()
     return {k: v.detach() for k, v in net.state_dict().items()}
 

@@ -10,7 +10,6 @@ import logging
 import os.path as osp
 from collections.abc import Mapping
 
-import torch
 from mmengine.logging import print_log
 from mmengine.model.weight_init import PretrainedInit
 
@@ -18,7 +17,7 @@ from .safe_load import read_checkpoint
 from .state_dict_selection import STATE_DICT_KEYS, filter_state_dict, select_state_dict
 from .weights_description import weights_label
 from .weights_error import VanillaNetWeightsError
-from .weights_fit import compare_with_model, difference_lines, misfit_message
+from .weights_fit import compare_with_model, difference_lines, fill_num_batches_tracked, misfit_message
 
 RELEASES_URL = 'https://github.com/huawei-noah/VanillaNet/releases'
 DETECTION_CHECKPOINT = 'vanillanet_13_act_num_4_kd_pretrain.pth'
@@ -70,9 +69,7 @@ def load_backbone_state_dict(backbone, state_dict, source='state dict', allow_pa
     fits = not (causes or any(diff.values()))
     if not fits and not allow_partial:
         raise VanillaNetWeightsError(misfit_message(source, causes, diff))
-    for k in model_state:
-        if k.endswith('num_batches_tracked') and k not in state_dict:
-            state_dict[k] = torch.tensor(0)
+    state_dict = fill_num_batches_tracked(state_dict, model_state)
     skipped, loaded = [], len(model_state)
     if not fits:
         bad_shapes = {k for k, _, _ in diff['shapes']}

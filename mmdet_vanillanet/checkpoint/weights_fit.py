@@ -54,7 +54,7 @@ def _shape(value):
 def key_differences(state_dict, model_state):
     """Missing keys, unexpected keys and shape mismatches of ``state_dict`` against ``model_state``.
 
-    A missing ``num_batches_tracked`` is not counted: it is filled with 0 before loading.
+    A missing ``num_batches_tracked`` is not counted: :func:`fill_num_batches_tracked` fills it before loading.
 
     Args:
         state_dict (Mapping[str, Tensor]): the checkpoint's backbone weights.
@@ -69,6 +69,23 @@ def key_differences(state_dict, model_state):
         unexpected=[k for k in state_dict if k not in model_state],
         shapes=[(k, _shape(v), _shape(model_state[k])) for k, v in state_dict.items()
                 if k in model_state and _shape(v) != _shape(model_state[k])])
+
+
+def fill_num_batches_tracked(state_dict, model_state):
+    """``state_dict`` with 0 for every BN ``num_batches_tracked`` of the model it lacks (published weights have none).
+
+    Args:
+        state_dict (Mapping[str, Tensor]): the checkpoint's backbone weights.
+        model_state (Mapping[str, Tensor]): the model's ``state_dict()`` (its keys are what counts).
+
+    Returns:
+        dict: a new state dict.
+    """
+    filled = dict(state_dict)
+    for k in model_state:
+        if k.endswith('num_batches_tracked') and k not in filled:
+            filled[k] = torch.tensor(0)
+    return filled
 
 
 def difference_lines(diff, limit=SHOWN_KEYS):
