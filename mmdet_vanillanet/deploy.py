@@ -26,12 +26,17 @@ from .detectors import (
     vanillanet_cfgs,
 )
 from .engine.act_learn_hook import META_KEY as ACT_LEARN_META_KEY
-from .output_comparison import NonFiniteOutputsError, detector_outputs, random_batch, relative_deviation
+from .output_comparison import DeviationMessages, check_deviation, detector_outputs, random_batch
 
 # Checkpoint meta entries carried over to the deploy checkpoint (plain data only).
 KEPT_META = ('dataset_meta', 'epoch', 'iter', 'experiment_name', 'mmengine_version', 'seed')
 # what a deploy config changes on every VanillaNet of the source config
 DEPLOY_OVERRIDES = dict(deploy=True, init_cfg=None)
+FUSION_CHECK_MESSAGES = DeviationMessages(
+    non_finite='{error} Nothing was written.',
+    other_outputs='The fused detector returns other outputs: {error}',
+    too_far='The fused detector deviates from the original by {max_abs:.3g} ({max_rel:.3g} relative), more than '
+            'the tolerance {tolerance:g}; nothing was written.')
 
 
 class DeployCheckError(RuntimeError):
@@ -151,16 +156,8 @@ def deploy_detector(config, checkpoint, out_dir, shape=(320, 320), num_images=2,
     before, proposals = detector_outputs(model, inputs, data_samples)
     fused = fuse_vanillanets(model)
     after, _ = detector_outputs(model, inputs, data_samples, proposals)
-    try:
-        result = relative_deviation(before, after, names=('the detector before fusing', 'the fused detector'))
-    except NonFiniteOutputsError as err:
-        raise DeployCheckError(f'{err} Nothing was written.') from None
-    except ValueError as err:
-        raise DeployCheckError(f'The fused detector returns other outputs: {err}') from None
-    if result['max_rel'] > tolerance:
-        raise DeployCheckError(f'The fused detector deviates from the original by {result["max_abs"]:.3g} '
-                               f'({result["max_rel"]:.3g} relative), more than the tolerance {tolerance:g}; '
-                               'nothing was written.')
+    result = check_deviation(before, after, tolerance, ('the detector before fusing', 'the fused detector'),
+                             DeployCheckError, FUSION_CHECK_MESSAGES)
     name = osp.splitext(osp.basename(config))[0]
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = osp.join(out_dir, f'{name}_deploy.pth')

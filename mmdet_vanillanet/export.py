@@ -23,9 +23,13 @@ from mmdet.models.detectors import SingleStageDetector
 from .deploy import load_detector_checkpoint
 from .detectors import build_detector, fuse_vanillanets, quiet_mmengine
 from .models import VanillaNet
-from .output_comparison import NonFiniteOutputsError, flatten_tensors, padded_shape, relative_deviation
+from .output_comparison import DeviationMessages, check_deviation, flatten_tensors, padded_shape
 
 DEFAULT_OPSET = 17
+ONNX_CHECK_MESSAGES = DeviationMessages(
+    non_finite='The exported graph cannot be checked: {error}',
+    other_outputs='ONNX Runtime returned other outputs than PyTorch: {error}',
+    too_far='ONNX Runtime deviates from PyTorch by {max_rel:.3g} (relative), more than {tolerance:g}.')
 
 
 class ONNXExportError(RuntimeError):
@@ -180,16 +184,8 @@ def check_onnx(session, module, inputs, tolerance=1e-4):
     with torch.no_grad():
         reference = flatten_tensors(module(inputs))
     outputs = run_onnx(session, inputs)
-    try:
-        result = relative_deviation(reference, outputs, names=('PyTorch', 'ONNX Runtime'))
-    except NonFiniteOutputsError as err:
-        raise ONNXExportError(f'The exported graph cannot be checked: {err}') from None
-    except ValueError as err:
-        raise ONNXExportError(f'ONNX Runtime returned other outputs than PyTorch: {err}') from None
-    if result['max_rel'] > tolerance:
-        raise ONNXExportError(f'ONNX Runtime deviates from PyTorch by {result["max_rel"]:.3g} (relative), more '
-                              f'than {tolerance:g}.')
-    return result
+    return check_deviation(reference, outputs, tolerance, ('PyTorch', 'ONNX Runtime'), ONNXExportError,
+                           ONNX_CHECK_MESSAGES)
 
 
 def export_from_config(config, out, checkpoint=None, what='backbone', shape=(800, 1216), dynamic=True,

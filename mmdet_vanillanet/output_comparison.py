@@ -4,10 +4,12 @@
 - :func:`detector_outputs`, :func:`flatten_tensors`: what a detector computes, as a flat list of tensors;
 - :func:`relative_deviation`: the one definition of how far two sets of outputs are apart, used by deploy,
   export, the precision comparison, the benchmark and the tests (non-finite values fail it:
-  :class:`NonFiniteOutputsError`).
+  :class:`NonFiniteOutputsError`);
+- :func:`check_deviation`: that deviation held to a tolerance, failures raised as the caller's error.
 """
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -154,3 +156,42 @@ def relative_deviation(reference, outputs, names=('reference', 'outputs')):
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / scale if scale else diff)
     return dict(max_rel=max_rel, max_abs=max_abs, num_tensors=len(reference))
+
+
+class DeviationMessages(NamedTuple):
+    """The messages of a failed :func:`check_deviation`, as ``str.format`` templates.
+
+    Args:
+        non_finite (str): a side holds NaN or Inf; ``{error}`` is :class:`NonFiniteOutputsError`'s message.
+        other_outputs (str): the sides differ in number or shapes; ``{error}`` says how.
+        too_far (str): the deviation exceeds the tolerance; with ``{max_rel}``, ``{max_abs}``, ``{tolerance}``.
+    """
+
+    non_finite: str
+    other_outputs: str
+    too_far: str
+
+
+def check_deviation(reference, outputs, tolerance, names, error, messages):
+    """:func:`relative_deviation` of ``outputs`` from ``reference``, raising ``error`` beyond ``tolerance``.
+
+    Args:
+        reference (Sequence[Tensor]): the reference outputs.
+        outputs (Sequence[Tensor]): the outputs to check.
+        tolerance (float): largest allowed ``max_rel``.
+        names (tuple[str, str]): what the two sides are, for :func:`relative_deviation`'s messages.
+        error (type[Exception]): what a failure raises.
+        messages (DeviationMessages): the message of each failure.
+
+    Returns:
+        dict: as :func:`relative_deviation`.
+    """
+    try:
+        result = relative_deviation(reference, outputs, names=names)
+    except NonFiniteOutputsError as err:
+        raise error(messages.non_finite.format(error=err)) from None
+    except ValueError as err:
+        raise error(messages.other_outputs.format(error=err)) from None
+    if result['max_rel'] > tolerance:
+        raise error(messages.too_far.format(tolerance=tolerance, **result))
+    return result
