@@ -25,6 +25,13 @@ from .latency import time_interleaved
 from .options import FAST_ROW, TRAIN_ROW
 from .roofline import achieved_gflops, gemm_bound_seconds, gemm_flops, gemm_inputs, onednn_gemm_call
 
+_BACKBONE_SECTION = 'backbone'
+# the rows of the fused forms that compute the training structure's function in PyTorch
+_FUSED_ROWS = ('fused, NCHW (plain PyTorch)', 'fused + channels_last', FAST_ROW)
+_COMPILED_ROW = 'fused + torch.compile (inductor, freezing)'
+_BACKBONE_ONNX_ROW = 'fused, ONNX Runtime (CPU)'
+_DETECTOR_ONNX_ROW = 'fused, ONNX Runtime (CPU), tensor outputs'
+
 
 @contextmanager
 def _inductor_freezing():
@@ -54,6 +61,85 @@ def _variant(net, **flags):
     return call
 
 
+def _gemm_names(options, is_cpu):
+    """The row names of the two GEMMs: torch.mm, the roofline, and oneDNN's 1x1 conv of the same size."""
+    return (f'GEMM: torch.mm {options.gemm_size}x{options.gemm_size} fp32',
+            f'GEMM: oneDNN 1x1 conv, same size{" (blocked layout)" if is_cpu else ""}')
+
+
+def _backbone_calls(train, fused, x, options, is_cpu):
+    """The timed calls of the backbone section, by row name: the two GEMMs, then every form of the backbone."""
+    gemm_name, onednn_gemm_name = _gemm_names(options, is_cpu)
+    a, b, out = gemm_inputs(options.gemm_size, options.device)
+    train_default = _variant(train, channels_last=train.channels_last)
+    train_nchw = _variant(train, channels_last=False)
+    plain = _variant(fused, channels_last=False, fast_inference=False)
+    cl = _variant(fused, channels_last=True, fast_inference=False)
+    fast = _variant(fused, channels_last=True, fast_inference=True)
+    calls = {
+        gemm_name: lambda: torch.mm(a, b, out=out),
+        onednn_gemm_name: onednn_gemm_call(options.gemm_size, options.device),
+        TRAIN_ROW: lambda: train_default(x),
+        'training structure, NCHW': lambda: train_nchw(x),
+        'fused, NCHW (plain PyTorch)': lambda: plain(x),
+        'fused + channels_last': lambda: cl(x),
+    }
+    if is_cpu:
+        calls[FAST_ROW] = lambda: fast(x)
+    return calls
+
+
+def _compiled_call(train, x, reference, log):
+    """The fused backbone under torch.compile (inductor, freezing): its timed call and its notes."""
+    compiled_net = _fused_copy(train, channels_last=True, fast_inference=False)
+    log('backbone: torch.compile (inductor, freezing) ...')
+    start = time.perf_counter()
+    with _inductor_freezing(), torch.no_grad():
+        compiled = torch.compile(compiled_net)
+        compiled_out = compiled(x)
+    deviation = relative_deviation(reference, compiled_out)['max_rel']
+    notes = [f'compile {time.perf_counter() - start:.0f} s', f'vs eager: {deviation:.1e} rel']
+
+    def run_compiled():
+        with _inductor_freezing():
+            return compiled(x)
+    return run_compiled, notes
+
+
+def _fill_gemm_rows(report, timings, options, is_cpu):
+    """The rows of the two GEMMs, taken out of ``timings``; returns the GFLOP/s of torch.mm, the roofline."""
+    gemm_name, onednn_gemm_name = _gemm_names(options, is_cpu)
+    gemm = timings.pop(gemm_name)
+    gemm_gflops = gemm_flops(options.gemm_size) / gemm.median / 1e9
+    row = report.row(_BACKBONE_SECTION, gemm_name)
+    row.seconds, row.seconds_min, row.gflops, row.gemm_share = gemm.median, gemm.min, gemm_gflops, 1.0
+    row.notes.append(f'{gemm_flops(options.gemm_size) / 1e9:.0f} GFLOP per call; the roofline')
+    report.meta['gemm_gflops'] = gemm_gflops
+    onednn_gemm = timings.pop(onednn_gemm_name)
+    row = report.row(_BACKBONE_SECTION, onednn_gemm_name)
+    row.seconds, row.seconds_min = onednn_gemm.median, onednn_gemm.min
+    row.gflops = gemm_flops(options.gemm_size) / onednn_gemm.median / 1e9
+    row.gemm_share = row.gflops / gemm_gflops
+    row.notes.append('the kernel of the fused 1x1 convs, for reference')
+    return gemm_gflops
+
+
+def _fill_backbone_rows(report, timings, costs, gemm_gflops, notes, extras):
+    """One row per timed form of the backbone: cost, latency, speed-up and its place against the roofline."""
+    base = timings[TRAIN_ROW].median
+    for name, timing in timings.items():
+        cost = costs['train'] if name.startswith('training') else costs['fused']
+        row = report.row(_BACKBONE_SECTION, name)
+        row.params, row.flops = cost['params'], cost['flops']
+        row.seconds, row.seconds_min = timing.median, timing.min
+        row.speedup = base / timing.median
+        row.bound_ratio = timing.median / gemm_bound_seconds(cost['flops'], gemm_gflops)
+        row.gflops = achieved_gflops(cost['flops'], timing.median)
+        row.gemm_share = row.gflops / gemm_gflops
+        row.notes += notes.get(name, [])
+        row.extra.update(extras.get(name, {}))
+
+
 def run_backbone(report, options, log):
     """Backbone latency in every form, interleaved with the GEMM; the roofline figures."""
     device = options.device
@@ -64,100 +150,60 @@ def run_backbone(report, options, log):
     train = build_backbone(False, options.arch, options.act_num, options.out_indices, device=device)
     fused = _fused_copy(train)
     log('backbone: counting FLOPs (mmengine FlopAnalyzer)')
-    train_cost = complexity(train, x)
-    fused_cost = complexity(fused, x)
-    section = 'backbone'
-    a, b, out = gemm_inputs(options.gemm_size, device)
-    gemm_name = f'GEMM: torch.mm {options.gemm_size}x{options.gemm_size} fp32'
-    train_default = _variant(train, channels_last=train.channels_last)
-    train_nchw = _variant(train, channels_last=False)
-    plain = _variant(fused, channels_last=False, fast_inference=False)
-    cl = _variant(fused, channels_last=True, fast_inference=False)
-    fast = _variant(fused, channels_last=True, fast_inference=True)
-    onednn_gemm_name = f'GEMM: oneDNN 1x1 conv, same size{" (blocked layout)" if is_cpu else ""}'
-    calls = {
-        gemm_name: lambda: torch.mm(a, b, out=out),
-        onednn_gemm_name: onednn_gemm_call(options.gemm_size, device),
-        TRAIN_ROW: lambda: train_default(x),
-        'training structure, NCHW': lambda: train_nchw(x),
-        'fused, NCHW (plain PyTorch)': lambda: plain(x),
-        'fused + channels_last': lambda: cl(x),
-    }
-    if is_cpu:
-        calls[FAST_ROW] = lambda: fast(x)
+    costs = dict(train=complexity(train, x), fused=complexity(fused, x))
+    calls = _backbone_calls(train, fused, x, options, is_cpu)
     notes, extras = {}, {}
     with torch.no_grad():  # the fused forms compute the training structure's function
         reference = train(x)
-        for name in ('fused, NCHW (plain PyTorch)', 'fused + channels_last', FAST_ROW):
+        for name in _FUSED_ROWS:
             if name in calls:
                 deviation = relative_deviation(reference, calls[name]())['max_rel']
                 notes[name] = [f'= training structure within {deviation:.1e} rel']
                 extras[name] = dict(fused_vs_training_max_rel=deviation)
     if options.compile:
-        name = 'fused + torch.compile (inductor, freezing)'
-        compiled_net = _fused_copy(train, channels_last=True, fast_inference=False)
-        log('backbone: torch.compile (inductor, freezing) ...')
-        start = time.perf_counter()
-        with _inductor_freezing(), torch.no_grad():
-            compiled = torch.compile(compiled_net)
-            compiled_out = compiled(x)
-        deviation = relative_deviation(reference, compiled_out)['max_rel']
-        notes[name] = [f'compile {time.perf_counter() - start:.0f} s', f'vs eager: {deviation:.1e} rel']
-
-        def run_compiled():
-            with _inductor_freezing():
-                return compiled(x)
-        calls[name] = run_compiled
-    session = None
+        calls[_COMPILED_ROW], notes[_COMPILED_ROW] = _compiled_call(train, x, reference, log)
     if 'onnx' in options.only and is_cpu:
-        name = 'fused, ONNX Runtime (CPU)'
-        session, check = _backbone_onnx(fused, x, options, log)
-        notes[name] = [f'vs PyTorch: {check["max_rel"]:.1e} rel']
-        extras[name] = dict(onnx_max_rel=check['max_rel'])
-        x_numpy = x.cpu().numpy()
-        calls[name] = lambda session=session: session.run(None, {'input': x_numpy})
+        calls[_BACKBONE_ONNX_ROW], check = _backbone_onnx(fused, x, options, log)
+        notes[_BACKBONE_ONNX_ROW] = [f'vs PyTorch: {check["max_rel"]:.1e} rel']
+        extras[_BACKBONE_ONNX_ROW] = dict(onnx_max_rel=check['max_rel'])
     log(f'backbone: timing {len(calls)} rows round-robin, {options.warmup} warm-up + {options.repeats} rounds')
     with torch.no_grad():
         timings = time_interleaved(calls, options.warmup, options.repeats, device)
-    gemm = timings.pop(gemm_name)
-    gemm_gflops = gemm_flops(options.gemm_size) / gemm.median / 1e9
-    row = report.row(section, gemm_name)
-    row.seconds, row.seconds_min, row.gflops, row.gemm_share = gemm.median, gemm.min, gemm_gflops, 1.0
-    row.notes.append(f'{gemm_flops(options.gemm_size) / 1e9:.0f} GFLOP per call; the roofline')
-    report.meta['gemm_gflops'] = gemm_gflops
-    onednn_gemm = timings.pop(onednn_gemm_name)
-    row = report.row(section, onednn_gemm_name)
-    row.seconds, row.seconds_min = onednn_gemm.median, onednn_gemm.min
-    row.gflops = gemm_flops(options.gemm_size) / onednn_gemm.median / 1e9
-    row.gemm_share = row.gflops / gemm_gflops
-    row.notes.append('the kernel of the fused 1x1 convs, for reference')
-    base = timings[TRAIN_ROW].median
-    for name, timing in timings.items():
-        cost = train_cost if name.startswith('training') else fused_cost
-        row = report.row(section, name)
-        row.params, row.flops = cost['params'], cost['flops']
-        row.seconds, row.seconds_min = timing.median, timing.min
-        row.speedup = base / timing.median
-        row.bound_ratio = timing.median / gemm_bound_seconds(cost['flops'], gemm_gflops)
-        row.gflops = achieved_gflops(cost['flops'], timing.median)
-        row.gemm_share = row.gflops / gemm_gflops
-        row.notes += notes.get(name, [])
-        row.extra.update(extras.get(name, {}))
-    report.meta['backbone'] = dict(train=train_cost, fused=fused_cost,
-                                   gemm_bound_s=gemm_bound_seconds(fused_cost['flops'], gemm_gflops))
-    del train, fused, session
+    gemm_gflops = _fill_gemm_rows(report, timings, options, is_cpu)
+    _fill_backbone_rows(report, timings, costs, gemm_gflops, notes, extras)
+    report.meta['backbone'] = dict(train=costs['train'], fused=costs['fused'],
+                                   gemm_bound_s=gemm_bound_seconds(costs['fused']['flops'], gemm_gflops))
+    del train, fused, calls
     gc.collect()
 
 
-def _backbone_onnx(fused, x, options, log):
-    from ..export import check_onnx, export_backbone, onnx_session
+def _onnx_call(export, module, x, file_name, what, options, log):
+    """Export ``what`` with ``export(path)`` and check ONNX Runtime against ``module`` on ``x``.
+
+    The file goes to ``options.onnx_dir``, or a temporary folder. Returns the timed call (ONNX Runtime on
+    ``x``) and the check (:func:`~mmdet_vanillanet.export.check_onnx`).
+    """
+    from ..export import check_onnx, onnx_session
     with _onnx_dir(options) as folder:
-        path = os.path.join(folder, 'vanillanet_backbone_fused.onnx')
-        log(f'onnx: exporting the fused backbone to {path}')
-        export_backbone(fused, path, tuple(x.shape))
+        path = os.path.join(folder, file_name)
+        log(f'onnx: exporting {what} to {path}')
+        export(path)
         session = onnx_session(path)
-        check = check_onnx(session, fused, x)
-    return session, check
+        check = check_onnx(session, module, x)
+    x_numpy = x.cpu().numpy()
+    return lambda: session.run(None, {'input': x_numpy}), check
+
+
+def _backbone_onnx(fused, x, options, log):
+    from ..export import export_backbone
+    return _onnx_call(lambda path: export_backbone(fused, path, tuple(x.shape)), fused, x,
+                      'vanillanet_backbone_fused.onnx', 'the fused backbone', options, log)
+
+
+def _detector_onnx(model, inputs, options, log):
+    from ..export import DetectorTensorOutputs, export_detector
+    return _onnx_call(lambda path: export_detector(model, path, tuple(inputs.shape)), DetectorTensorOutputs(model),
+                      inputs, 'retinanet_vanillanet_fused.onnx', 'the fused RetinaNet (tensor outputs)', options, log)
 
 
 @contextmanager
@@ -209,11 +255,10 @@ def run_detectors(report, options, log):
         if 'detector' in options.only:
             calls = {name: (lambda m=model: m(inputs, data_samples, mode='tensor')) for name, model in built}
             fused_name, fused_model = built[1]
-            session = onnx_name = None
+            onnx_name = None
             if 'onnx' in options.only and detector == 'retinanet' and is_cpu:
-                session, onnx_name, check = _detector_onnx(fused_model, inputs, options, log)
-                x_numpy = inputs.cpu().numpy()
-                calls[onnx_name] = lambda: session.run(None, {'input': x_numpy})
+                onnx_name = _DETECTOR_ONNX_ROW
+                calls[onnx_name], check = _detector_onnx(fused_model, inputs, options, log)
                 row = report.row(section, onnx_name)
                 row.notes.append(f'vs PyTorch: {check["max_rel"]:.1e} rel')
                 row.extra['onnx_max_rel'] = check['max_rel']
@@ -228,20 +273,9 @@ def run_detectors(report, options, log):
             if onnx_name:
                 source, row = report.find(section, fused_name), report.find(section, onnx_name)
                 row.params, row.flops = source.params, source.flops
-            del calls, session
+            del calls
         del built
         gc.collect()
-
-
-def _detector_onnx(model, inputs, options, log):
-    from ..export import DetectorTensorOutputs, check_onnx, export_detector, onnx_session
-    with _onnx_dir(options) as folder:
-        path = os.path.join(folder, 'retinanet_vanillanet_fused.onnx')
-        log(f'onnx: exporting the fused RetinaNet (tensor outputs) to {path}')
-        export_detector(model, path, tuple(inputs.shape))
-        session = onnx_session(path)
-        check = check_onnx(session, DetectorTensorOutputs(model), inputs)
-    return session, 'fused, ONNX Runtime (CPU), tensor outputs', check
 
 
 def run_training(report, options, log):
