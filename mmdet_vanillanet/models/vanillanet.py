@@ -286,23 +286,26 @@ class VanillaNet(BaseModule):
         self.channels_last = channels_last
         self.fast_inference = fast_inference
         self._act_learn = 1.0
+        self._build_layers()
+        self._freeze_stages()
 
+    def _build_layers(self):
+        """The stem and the blocks, in the training or the deploy structure, named as the published weights."""
         self.stem_stride, stem_padding = (3, 1) if self.ada_pool else (STEM_KERNEL, 0)
         c0 = self.dims[0]
-        if deploy:
+        if self.deploy:
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, c0, STEM_KERNEL, stride=self.stem_stride, padding=stem_padding),
+                nn.Conv2d(self.in_channels, c0, STEM_KERNEL, stride=self.stem_stride, padding=stem_padding),
                 SeriesActivation(c0, self.act_num, self.norm_cfg, deploy=True))
         else:
-            self.stem1 = _conv_bn(in_channels, c0, STEM_KERNEL, self.stem_stride, stem_padding, self.norm_cfg)
+            self.stem1 = _conv_bn(self.in_channels, c0, STEM_KERNEL, self.stem_stride, stem_padding, self.norm_cfg)
             self.stem2 = nn.Sequential(
                 nn.Conv2d(c0, c0, 1), build_norm_layer(self.norm_cfg, c0)[1],
                 SeriesActivation(c0, self.act_num, self.norm_cfg))
         self.stages = nn.ModuleList(
             VanillaBlock(self.dims[i], self.dims[i + 1], self.strides[i], self.act_num, self.norm_cfg,
-                         deploy=deploy, adaptive_pool=i in self.ada_pool)
+                         deploy=self.deploy, adaptive_pool=i in self.ada_pool)
             for i in range(self.num_blocks))
-        self._freeze_stages()
 
     # ---- description of the outputs -------------------------------------------------------------
 
