@@ -123,7 +123,8 @@ def _categories_problem(categories):
 
 def _structure_problem(data, needs_masks, needs_annotations):
     """The first problem of a loaded COCO file, in the order: top level, images, categories, annotations."""
-    problem = (_top_level_problem(data, needs_annotations) or _entries_problem(data['images'], 'images', _image_problem)
+    problem = (_top_level_problem(data, needs_annotations)
+               or _entries_problem(data['images'], 'images', _image_problem)
                or _categories_problem(data['categories']))
     if problem:
         return problem
