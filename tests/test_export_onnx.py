@@ -1,5 +1,4 @@
 """ONNX export: the fused backbone and a single-stage detector, reproduced by ONNX Runtime (CPU)."""
-import importlib.util
 import os.path as osp
 import warnings
 
@@ -7,6 +6,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+from tiny_detector import load_tool
 
 from mmdet.registry import MODELS
 
@@ -22,7 +22,6 @@ from mmdet_vanillanet.export import (
 )
 from mmdet_vanillanet.models import VanillaNet
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 NARROW = dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2])
 
 
@@ -115,13 +114,6 @@ model = dict(
     test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
                   max_per_img=10))
 """
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize('what', ['backbone', 'detector'])

@@ -1,6 +1,5 @@
 """tools/visualize_cam.py and mmdet_vanillanet.visualization: Grad-CAM++ maps of detectors."""
 import glob
-import importlib.util
 import os
 import os.path as osp
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from PIL import Image
+from tiny_detector import demo_retrained, load_tool
 
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
@@ -102,20 +102,14 @@ def demo_detector(tmp_path_factory):
     return checkpoint, load_detector(DEMO_CONFIG, checkpoint)
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location('visualize_cam_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tool_writes_one_png_per_image_side_by_side(tmp_path, capsys, val_images, demo_detector):
     checkpoint, _ = demo_detector
     fcos = write_config(tmp_path, FCOS_CONFIG, 'fcos_tiny.py')
     fcos_checkpoint = write_checkpoint(fcos, tmp_path / 'fcos.pth')
     out_dir = tmp_path / 'cams'
-    load_tool().main([DEMO_CONFIG, checkpoint, *val_images, '--out-dir', str(out_dir), '--score-thr', '0',
-                      '--compare', fcos, fcos_checkpoint, '--compare-layer', 'backbone.stages.1'])
+    load_tool('visualize_cam').main([DEMO_CONFIG, checkpoint, *val_images, '--out-dir', str(out_dir),
+                                     '--score-thr', '0', '--compare', fcos, fcos_checkpoint,
+                                     '--compare-layer', 'backbone.stages.1'])
     written = sorted(out_dir.glob('*.png'))
     assert [p.name for p in written] == ['000000.png', '000001.png']
     assert 'detection(s) at backbone.stages.2, 5 detection(s) at backbone.stages.1' in capsys.readouterr().out
@@ -159,7 +153,7 @@ def test_backbone_outputs_of_vanillanet_and_resnet(demo_detector):
 
 def test_clear_errors(tmp_path, val_images, demo_detector):
     checkpoint, model = demo_detector
-    tool = load_tool()
+    tool = load_tool('visualize_cam')
     with pytest.raises(FileNotFoundError, match='Image.*not found: .*missing.png'):
         tool.main([DEMO_CONFIG, checkpoint, val_images[0], str(tmp_path / 'missing.png'),
                    '--out-dir', str(tmp_path / 'out')])
@@ -212,17 +206,7 @@ data_root = {data_root!r}
 max_epochs = 12
 train_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(data_root=data_root))
 val_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, eta_min_ratio=0.01,
-         convert_to_iter_based=True),
-]
-default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=max_epochs))
-"""
+""" + demo_retrained(warmup_iters=50, log_interval=25)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Shared by the tests that run the tools: a tiny synthetic COCO set, a complete tiny detector config, a runner.
+"""Plain helpers shared by tests: a tiny synthetic COCO set, a complete tiny detector config, tool runners, the
+lines that retrain a demo config, random BN statistics.
 
 Not a test module (no ``test_`` prefix); the test files import it (pytest puts tests/ on ``sys.path``).
 """
@@ -7,6 +8,9 @@ import os
 import os.path as osp
 import subprocess
 import sys
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet_vanillanet.datasets import generate_synthetic_coco, synthetic_coco_metainfo
 
@@ -196,3 +200,44 @@ def run_together(commands, timeout, envs=None, **popen_kwargs):
     codes = [process.returncode for process in processes]
     assert codes == [0] * len(processes), f'exit codes {codes}:\n' + '\n'.join(log[-3000:] for log in logs)
     return logs
+
+
+def demo_retrained(warmup_iters, log_interval):
+    """Config lines that end a child of a demo config which sets its own ``data_root`` (ending in '/'),
+    ``val_dataloader`` and ``max_epochs``.
+
+    A base config is evaluated before its child, so what the demo derives from those (the test loader and
+    evaluators, the schedule) must be derived again: the demo's schedule, a linear warm-up then a cosine decay
+    over ``max_epochs``, with validation and the checkpoint once, at the end.
+
+    Args:
+        warmup_iters (int): iterations of the linear warm-up.
+        log_interval (int): iterations between log lines.
+    """
+    return f"""test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end={warmup_iters}),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, eta_min_ratio=0.01,
+         convert_to_iter_based=True),
+]
+default_hooks = dict(logger=dict(interval={log_interval}), checkpoint=dict(interval=max_epochs))
+"""
+
+
+def randomize_bn(net, generator):
+    """Give every BN layer of ``net`` random statistics and affine parameters, as training would (in place).
+
+    Args:
+        net (torch.nn.Module): e.g. a VanillaNet.
+        generator (torch.Generator): the source of the random values.
+    """
+    for module in net.modules():
+        if isinstance(module, _BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(n, generator=generator) * 0.5 + 1)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
