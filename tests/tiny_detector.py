@@ -1,5 +1,5 @@
-"""Plain helpers shared by tests: a tiny synthetic COCO set, a complete tiny detector config, tool runners, the
-lines that retrain a demo config, random BN statistics.
+"""Plain helpers shared by tests: a tiny synthetic COCO set, a complete tiny detector config (and its model
+alone), tool runners, the lines that retrain a demo config, random BN statistics.
 
 Not a test module (no ``test_`` prefix); the test files import it (pytest puts tests/ on ``sys.path``).
 """
@@ -37,22 +37,25 @@ TRAIN_CFGS = {
     'fcos': 'None',
 }
 
+MODEL = """model = dict(
+    type={detector!r},
+    data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                           bgr_to_rgb=True, pad_size_divisor=32),
+    backbone={backbone},
+    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
+    bbox_head={head},
+    train_cfg={train_cfg},
+    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0, nms=dict(type='nms', iou_threshold=0.5),
+                  max_per_img=20))"""
+BACKBONE = """dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 32], strides=[2, 2, 2]), act_num=1,
+                  out_indices=(0, 1, 2), norm_cfg={norm_cfg!r}, norm_eval={norm_eval!r})"""
+
 CONFIG = """
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 default_scope = 'mmdet'
 data_root = {data_root!r}
 metainfo = {metainfo!r}
-model = dict(
-    type={detector!r},
-    data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
-                           bgr_to_rgb=True, pad_size_divisor=32),
-    backbone=dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 32], strides=[2, 2, 2]), act_num=1,
-                  out_indices=(0, 1, 2), norm_cfg={norm_cfg!r}, norm_eval={norm_eval!r}),
-    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
-    bbox_head={head},
-    train_cfg={train_cfg},
-    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0, nms=dict(type='nms', iou_threshold=0.5),
-                  max_per_img=20))
+{model}
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True),
@@ -115,6 +118,17 @@ def make_data(root, **kwargs):
     return str(root)
 
 
+def model_config(backbone, head='retina'):
+    """The tiny detector's ``model = dict(...)`` config line.
+
+    Args:
+        backbone (str): config text of a VanillaNet dict with outputs of 16/24/32 channels at strides 8/16/32.
+        head (str): 'retina' (RetinaNet) or 'fcos' (FCOS).
+    """
+    return MODEL.format(detector={'retina': 'RetinaNet', 'fcos': 'FCOS'}[head], backbone=backbone, head=HEADS[head],
+                        train_cfg=TRAIN_CFGS[head])
+
+
 def write_config(path, data_root, head='retina', num_workers=0, persistent_workers=False, batch_size=2,
                  max_epochs=2, val_interval=1, flip_prob=0.5, norm_cfg=None, norm_eval=False,
                  custom_hooks=({'type': 'RandomStateHook'},)):
@@ -134,12 +148,11 @@ def write_config(path, data_root, head='retina', num_workers=0, persistent_worke
         norm_eval (bool): keep the backbone's BN layers in eval mode.
         custom_hooks (Sequence[dict]): the config's ``custom_hooks``.
     """
+    backbone = BACKBONE.format(norm_cfg=norm_cfg or dict(type='BN', eps=1e-6), norm_eval=norm_eval)
     text = CONFIG.format(
-        data_root=str(data_root), metainfo=synthetic_coco_metainfo(), head=HEADS[head], train_cfg=TRAIN_CFGS[head],
-        detector={'retina': 'RetinaNet', 'fcos': 'FCOS'}[head], num_workers=num_workers,
-        persistent_workers=persistent_workers, batch_size=batch_size, max_epochs=max_epochs,
-        val_interval=val_interval, flip_prob=flip_prob, norm_cfg=norm_cfg or dict(type='BN', eps=1e-6),
-        norm_eval=norm_eval, custom_hooks=list(custom_hooks))
+        data_root=str(data_root), metainfo=synthetic_coco_metainfo(), model=model_config(backbone, head),
+        num_workers=num_workers, persistent_workers=persistent_workers, batch_size=batch_size,
+        max_epochs=max_epochs, val_interval=val_interval, flip_prob=flip_prob, custom_hooks=list(custom_hooks))
     with open(path, 'w') as f:
         f.write(text)
     return str(path)
