@@ -39,36 +39,35 @@ test_pipeline = [
 ]
 test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 """
-# Small detectors of the other supported kinds, and one unsupported (CenterNet), on tiny VanillaNets.
-FCOS_CONFIG = """
+# Small detectors of the other supported kinds, and one unsupported (CenterNet), on the same tiny VanillaNet
+# (blocks 0, 1, 2: widths 32/48/64 at strides 8/16/32).
+TINY_BACKBONE = "_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]), act_num=1"
+FCOS_CONFIG = f"""
 _base_ = 'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 model = dict(
-    backbone=dict(_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]),
-                  act_num=1, out_indices=(0, 1, 2)),
+    backbone=dict({TINY_BACKBONE}, out_indices=(0, 1, 2)),
     neck=dict(in_channels=[32, 48, 64], out_channels=16, start_level=0, num_outs=3),
     bbox_head=dict(num_classes=5, in_channels=16, feat_channels=16, stacked_convs=1, strides=[8, 16, 32],
                    norm_cfg=None),
     test_cfg=dict(score_thr=0.0))
 """ + _SMALL_TEST_PIPELINE
-FASTER_RCNN_CONFIG = """
+FASTER_RCNN_CONFIG = f"""
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 model = dict(
-    backbone=dict(_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]),
-                  act_num=1, out_indices=(0, 1, 2)),
+    backbone=dict({TINY_BACKBONE}, out_indices=(0, 1, 2)),
     neck=dict(in_channels=[32, 48, 64], out_channels=16, num_outs=3),
     rpn_head=dict(in_channels=16, feat_channels=16, anchor_generator=dict(strides=[8, 16, 32])),
     roi_head=dict(bbox_roi_extractor=dict(out_channels=16, featmap_strides=[8, 16, 32]),
                   bbox_head=dict(in_channels=16, fc_out_channels=32, num_classes=5)),
     test_cfg=dict(rcnn=dict(score_thr=0.0)))
 """ + _SMALL_TEST_PIPELINE
-CENTERNET_CONFIG = """
+CENTERNET_CONFIG = f"""
 _base_ = 'mmdet::centernet/centernet_r18_8xb16-crop512-140e_coco.py'
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 model = dict(
-    backbone=dict(_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]),
-                  act_num=1, out_indices=(2,)),
+    backbone=dict({TINY_BACKBONE}, out_indices=(2,)),
     neck=None,
     bbox_head=dict(num_classes=5, in_channels=64, feat_channels=16))
 """
