@@ -10,15 +10,8 @@ _base_ = [
 ]
 
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='VanillaNet',
-        arch='vanillanet_13',
-        act_num=4,
-        # Blocks 0, 1, 8 and 10: strides 4/8/16/32 with 512/1024/2048/4096 channels.
-        out_indices=(0, 1, 8, 10),
-        norm_cfg=dict(type='BN', eps=1e-6),
-        init_cfg=dict(type='Pretrained', checkpoint={{_base_.pretrained}})),
+    # Blocks 0, 1, 8 and 10: strides 4/8/16/32 with 512/1024/2048/4096 channels.
+    backbone=dict(_base_.vanillanet13_backbone, _delete_=True, out_indices=(0, 1, 8, 10)),
     neck=dict(in_channels=[512, 1024, 2048, 4096]))
 
 train_pipeline = [

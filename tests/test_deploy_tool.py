@@ -10,6 +10,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.structures import InstanceData
+from tiny_detector import model_config
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet.registry import MODELS
@@ -22,29 +23,14 @@ from mmdet_vanillanet.deploy import deploy_config, deploy_detector
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-# A complete, self-contained config (model, data, evaluation) of a tiny RetinaNet on synthetic COCO.
+# A complete, self-contained config (model, data, evaluation) of a tiny RetinaNet on synthetic COCO: the tools'
+# tiny RetinaNet (tiny_detector.py) on a VanillaNet with a stride-1 block.
 TINY_CONFIG = """
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 default_scope = 'mmdet'
 data_root = {data_root!r}
 metainfo = {metainfo!r}
-model = dict(
-    type='RetinaNet',
-    data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
-                           bgr_to_rgb=True, pad_size_divisor=32),
-    backbone=dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2]), act_num={act_num},
-                  out_indices=(0, 1, 3)),
-    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
-    bbox_head=dict(type='RetinaHead', num_classes=5, in_channels=16, feat_channels=16, stacked_convs=1,
-                   anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4, scales_per_octave=1,
-                                         ratios=[1.0], strides=[8, 16, 32]),
-                   bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[1.0] * 4),
-                   loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
-                   loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
-    train_cfg=dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0),
-                   sampler=dict(type='PseudoSampler'), allowed_border=-1, pos_weight=-1, debug=False),
-    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0, nms=dict(type='nms', iou_threshold=0.5),
-                  max_per_img=20))
+{model}
 test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=(64, 64), keep_ratio=True),
@@ -68,8 +54,10 @@ log_level = 'INFO'
 
 def write_config(tmp_path, act_num=2, name='retinanet_tiny.py'):
     path = tmp_path / name
+    backbone = ("dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2]), "
+                f"act_num={act_num}, out_indices=(0, 1, 3))")
     path.write_text(TINY_CONFIG.format(data_root=str(tmp_path / 'data'), metainfo=synthetic_coco_metainfo(),
-                                       act_num=act_num))
+                                       model=model_config(backbone)))
     return str(path)
 
 

@@ -1,5 +1,4 @@
 """ONNX export: the fused backbone and a single-stage detector, reproduced by ONNX Runtime (CPU)."""
-import importlib.util
 import os.path as osp
 import warnings
 
@@ -7,6 +6,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+from tiny_detector import load_tool
 
 from mmdet.registry import MODELS
 
@@ -22,7 +22,6 @@ from mmdet_vanillanet.export import (
 )
 from mmdet_vanillanet.models import VanillaNet
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 NARROW = dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2])
 
 
@@ -59,12 +58,12 @@ def test_training_structure_is_refused_with_the_fix(tmp_path):
         export_backbone(net, str(tmp_path / 'x.onnx'), shape=(1, 3, 64, 64))
 
 
-def tiny_retinanet():
-    torch.manual_seed(0)
-    model = MODELS.build(dict(
+def tiny_retinanet_cfg(**backbone):
+    """A tiny RetinaNet (3 classes) on the narrow VanillaNet; ``backbone``: more backbone arguments."""
+    return dict(
         type='RetinaNet',
         data_preprocessor=dict(type='DetDataPreprocessor', mean=[0, 0, 0], std=[1, 1, 1], pad_size_divisor=32),
-        backbone=dict(type='VanillaNet', arch=NARROW, act_num=2, out_indices=(0, 1, 3), deploy=True),
+        backbone=dict(type='VanillaNet', arch=NARROW, act_num=2, out_indices=(0, 1, 3), **backbone),
         neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
         bbox_head=dict(
             type='RetinaHead', num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
@@ -74,7 +73,12 @@ def tiny_retinanet():
             loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
             loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
         test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
-                      max_per_img=10)))
+                      max_per_img=10))
+
+
+def tiny_retinanet():
+    torch.manual_seed(0)
+    model = MODELS.build(tiny_retinanet_cfg(deploy=True))
     model.init_weights()
     return model.eval()
 
@@ -97,31 +101,12 @@ def test_two_stage_detectors_are_refused_with_a_reason():
         DetectorTensorOutputs(nn.Conv2d(3, 3, 1))
 
 
-TOOL_CONFIG = """
+# The same RetinaNet, unfused: the tool fuses it.
+TOOL_CONFIG = f"""
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 default_scope = 'mmdet'
-model = dict(
-    type='RetinaNet',
-    data_preprocessor=dict(type='DetDataPreprocessor', mean=[0, 0, 0], std=[1, 1, 1], pad_size_divisor=32),
-    backbone=dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 24, 32], strides=[2, 2, 1, 2]), act_num=2,
-                  out_indices=(0, 1, 3)),
-    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
-    bbox_head=dict(type='RetinaHead', num_classes=3, in_channels=16, feat_channels=16, stacked_convs=1,
-                   anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4, scales_per_octave=1,
-                                         ratios=[1.0], strides=[8, 16, 32]),
-                   bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0] * 4, target_stds=[1.0] * 4),
-                   loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
-                   loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
-    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
-                  max_per_img=10))
+model = {tiny_retinanet_cfg()!r}
 """
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize('what', ['backbone', 'detector'])

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny_detector import ROOT, tool_env
+from tiny_detector import ROOT, demo_retrained, tool_env
 
 from mmdet_vanillanet.datasets import generate_synthetic_coco
 
@@ -34,17 +34,7 @@ test_pipeline = [
 ]
 train_dataloader = dict(dataset=dict(data_root=data_root, pipeline=train_pipeline))
 val_dataloader = dict(dataset=dict(data_root=data_root, pipeline=test_pipeline))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=30),
-    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, eta_min_ratio=0.01,
-         convert_to_iter_based=True),
-]
-default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=max_epochs))
-'''
+''' + demo_retrained(warmup_iters=30, log_interval=10)
 
 
 # 200 training images of 256 px, 12 epochs (300 iterations, about 3.5 minutes on 2 cores): measured

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_detector import randomize_bn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet.registry import MODELS
@@ -23,16 +24,6 @@ def narrow_net(**kwargs):
     net = VanillaNet(**kwargs)
     net.init_weights()
     return net
-
-
-def randomize_bn_statistics(net, generator):
-    for module in net.modules():
-        if isinstance(module, _BatchNorm):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.randn(n, generator=generator) * 0.5 + 1)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
 
 
 # Published key patterns (the reference checkpoints' layout), without the classifier.
@@ -123,7 +114,7 @@ def test_switch_to_deploy_is_exact(widths, stride_choice, act_num, extra_height,
     arch = dict(dims=[4 * w for w in widths], strides=strides)
     generator = torch.Generator().manual_seed(seed)
     net = narrow_net(arch=arch, act_num=act_num, out_indices=range(len(strides)))
-    randomize_bn_statistics(net, generator)
+    randomize_bn(net, generator)
     net.eval()
     x = torch.randn(2, 3, net.min_input_size + extra_height, net.min_input_size + extra_width, generator=generator)
     with torch.no_grad():
@@ -156,7 +147,7 @@ def test_switch_to_deploy_inside_detector():
     register_all_modules()
     detector = MODELS.build(cfg)
     detector.init_weights()
-    randomize_bn_statistics(detector.backbone, torch.Generator().manual_seed(0))
+    randomize_bn(detector.backbone, torch.Generator().manual_seed(0))
     detector.eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():

@@ -1,6 +1,5 @@
 """tools/visualize_cam.py and mmdet_vanillanet.visualization: Grad-CAM++ maps of detectors."""
 import glob
-import importlib.util
 import os
 import os.path as osp
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from PIL import Image
+from tiny_detector import demo_retrained, load_tool
 
 from mmdet.models.backbones import ResNet
 from mmdet.registry import MODELS
@@ -39,36 +39,35 @@ test_pipeline = [
 ]
 test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 """
-# Small detectors of the other supported kinds, and one unsupported (CenterNet), on tiny VanillaNets.
-FCOS_CONFIG = """
+# Small detectors of the other supported kinds, and one unsupported (CenterNet), on the same tiny VanillaNet
+# (blocks 0, 1, 2: widths 32/48/64 at strides 8/16/32).
+TINY_BACKBONE = "_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]), act_num=1"
+FCOS_CONFIG = f"""
 _base_ = 'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 model = dict(
-    backbone=dict(_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]),
-                  act_num=1, out_indices=(0, 1, 2)),
+    backbone=dict({TINY_BACKBONE}, out_indices=(0, 1, 2)),
     neck=dict(in_channels=[32, 48, 64], out_channels=16, start_level=0, num_outs=3),
     bbox_head=dict(num_classes=5, in_channels=16, feat_channels=16, stacked_convs=1, strides=[8, 16, 32],
                    norm_cfg=None),
     test_cfg=dict(score_thr=0.0))
 """ + _SMALL_TEST_PIPELINE
-FASTER_RCNN_CONFIG = """
+FASTER_RCNN_CONFIG = f"""
 _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 model = dict(
-    backbone=dict(_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]),
-                  act_num=1, out_indices=(0, 1, 2)),
+    backbone=dict({TINY_BACKBONE}, out_indices=(0, 1, 2)),
     neck=dict(in_channels=[32, 48, 64], out_channels=16, num_outs=3),
     rpn_head=dict(in_channels=16, feat_channels=16, anchor_generator=dict(strides=[8, 16, 32])),
     roi_head=dict(bbox_roi_extractor=dict(out_channels=16, featmap_strides=[8, 16, 32]),
                   bbox_head=dict(in_channels=16, fc_out_channels=32, num_classes=5)),
     test_cfg=dict(rcnn=dict(score_thr=0.0)))
 """ + _SMALL_TEST_PIPELINE
-CENTERNET_CONFIG = """
+CENTERNET_CONFIG = f"""
 _base_ = 'mmdet::centernet/centernet_r18_8xb16-crop512-140e_coco.py'
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 model = dict(
-    backbone=dict(_delete_=True, type='VanillaNet', arch=dict(dims=[16, 32, 48, 64], strides=[2, 2, 2]),
-                  act_num=1, out_indices=(2,)),
+    backbone=dict({TINY_BACKBONE}, out_indices=(2,)),
     neck=None,
     bbox_head=dict(num_classes=5, in_channels=64, feat_channels=16))
 """
@@ -102,20 +101,14 @@ def demo_detector(tmp_path_factory):
     return checkpoint, load_detector(DEMO_CONFIG, checkpoint)
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location('visualize_cam_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tool_writes_one_png_per_image_side_by_side(tmp_path, capsys, val_images, demo_detector):
     checkpoint, _ = demo_detector
     fcos = write_config(tmp_path, FCOS_CONFIG, 'fcos_tiny.py')
     fcos_checkpoint = write_checkpoint(fcos, tmp_path / 'fcos.pth')
     out_dir = tmp_path / 'cams'
-    load_tool().main([DEMO_CONFIG, checkpoint, *val_images, '--out-dir', str(out_dir), '--score-thr', '0',
-                      '--compare', fcos, fcos_checkpoint, '--compare-layer', 'backbone.stages.1'])
+    load_tool('visualize_cam').main([DEMO_CONFIG, checkpoint, *val_images, '--out-dir', str(out_dir),
+                                     '--score-thr', '0', '--compare', fcos, fcos_checkpoint,
+                                     '--compare-layer', 'backbone.stages.1'])
     written = sorted(out_dir.glob('*.png'))
     assert [p.name for p in written] == ['000000.png', '000001.png']
     assert 'detection(s) at backbone.stages.2, 5 detection(s) at backbone.stages.1' in capsys.readouterr().out
@@ -159,7 +152,7 @@ def test_backbone_outputs_of_vanillanet_and_resnet(demo_detector):
 
 def test_clear_errors(tmp_path, val_images, demo_detector):
     checkpoint, model = demo_detector
-    tool = load_tool()
+    tool = load_tool('visualize_cam')
     with pytest.raises(FileNotFoundError, match='Image.*not found: .*missing.png'):
         tool.main([DEMO_CONFIG, checkpoint, val_images[0], str(tmp_path / 'missing.png'),
                    '--out-dir', str(tmp_path / 'out')])
@@ -212,17 +205,7 @@ data_root = {data_root!r}
 max_epochs = 12
 train_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(data_root=data_root))
 val_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(data_root=data_root))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, eta_min_ratio=0.01,
-         convert_to_iter_based=True),
-]
-default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=max_epochs))
-"""
+""" + demo_retrained(warmup_iters=50, log_interval=25)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from mmengine.logging import MMLogger
-from torch.nn.modules.batchnorm import _BatchNorm
+from tiny_detector import randomize_bn
 
 from mmdet.registry import MODELS
 
@@ -31,14 +31,7 @@ def random_net(arch=NARROW, act_num=3, seed=0, deploy=False):
     torch.manual_seed(seed)
     net = VanillaNet(arch=arch, act_num=act_num, out_indices=range(len(arch['strides'])))
     net.init_weights()
-    generator = torch.Generator().manual_seed(seed)
-    for module in net.modules():
-        if isinstance(module, _BatchNorm):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.randn(n, generator=generator) * 0.5 + 1)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    randomize_bn(net, torch.Generator().manual_seed(seed))
     net.eval()
     if deploy:
         net.switch_to_deploy()

@@ -1,4 +1,5 @@
-"""Shared by the tests that run the tools: a tiny synthetic COCO set, a complete tiny detector config, a runner.
+"""Plain helpers shared by tests: a tiny synthetic COCO set, a complete tiny detector config (and its model
+alone), tool runners, the lines that retrain a demo config, random BN statistics.
 
 Not a test module (no ``test_`` prefix); the test files import it (pytest puts tests/ on ``sys.path``).
 """
@@ -7,6 +8,9 @@ import os
 import os.path as osp
 import subprocess
 import sys
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet_vanillanet.datasets import generate_synthetic_coco, synthetic_coco_metainfo
 
@@ -33,22 +37,25 @@ TRAIN_CFGS = {
     'fcos': 'None',
 }
 
+MODEL = """model = dict(
+    type={detector!r},
+    data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                           bgr_to_rgb=True, pad_size_divisor=32),
+    backbone={backbone},
+    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
+    bbox_head={head},
+    train_cfg={train_cfg},
+    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0, nms=dict(type='nms', iou_threshold=0.5),
+                  max_per_img=20))"""
+BACKBONE = """dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 32], strides=[2, 2, 2]), act_num=1,
+                  out_indices=(0, 1, 2), norm_cfg={norm_cfg!r}, norm_eval={norm_eval!r})"""
+
 CONFIG = """
 custom_imports = dict(imports=['mmdet_vanillanet'], allow_failed_imports=False)
 default_scope = 'mmdet'
 data_root = {data_root!r}
 metainfo = {metainfo!r}
-model = dict(
-    type={detector!r},
-    data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
-                           bgr_to_rgb=True, pad_size_divisor=32),
-    backbone=dict(type='VanillaNet', arch=dict(dims=[8, 16, 24, 32], strides=[2, 2, 2]), act_num=1,
-                  out_indices=(0, 1, 2), norm_cfg={norm_cfg!r}, norm_eval={norm_eval!r}),
-    neck=dict(type='FPN', in_channels=[16, 24, 32], out_channels=16, start_level=0, num_outs=3),
-    bbox_head={head},
-    train_cfg={train_cfg},
-    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0, nms=dict(type='nms', iou_threshold=0.5),
-                  max_per_img=20))
+{model}
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True),
@@ -111,6 +118,17 @@ def make_data(root, **kwargs):
     return str(root)
 
 
+def model_config(backbone, head='retina'):
+    """The tiny detector's ``model = dict(...)`` config line.
+
+    Args:
+        backbone (str): config text of a VanillaNet dict with outputs of 16/24/32 channels at strides 8/16/32.
+        head (str): 'retina' (RetinaNet) or 'fcos' (FCOS).
+    """
+    return MODEL.format(detector={'retina': 'RetinaNet', 'fcos': 'FCOS'}[head], backbone=backbone, head=HEADS[head],
+                        train_cfg=TRAIN_CFGS[head])
+
+
 def write_config(path, data_root, head='retina', num_workers=0, persistent_workers=False, batch_size=2,
                  max_epochs=2, val_interval=1, flip_prob=0.5, norm_cfg=None, norm_eval=False,
                  custom_hooks=({'type': 'RandomStateHook'},)):
@@ -130,12 +148,11 @@ def write_config(path, data_root, head='retina', num_workers=0, persistent_worke
         norm_eval (bool): keep the backbone's BN layers in eval mode.
         custom_hooks (Sequence[dict]): the config's ``custom_hooks``.
     """
+    backbone = BACKBONE.format(norm_cfg=norm_cfg or dict(type='BN', eps=1e-6), norm_eval=norm_eval)
     text = CONFIG.format(
-        data_root=str(data_root), metainfo=synthetic_coco_metainfo(), head=HEADS[head], train_cfg=TRAIN_CFGS[head],
-        detector={'retina': 'RetinaNet', 'fcos': 'FCOS'}[head], num_workers=num_workers,
-        persistent_workers=persistent_workers, batch_size=batch_size, max_epochs=max_epochs,
-        val_interval=val_interval, flip_prob=flip_prob, norm_cfg=norm_cfg or dict(type='BN', eps=1e-6),
-        norm_eval=norm_eval, custom_hooks=list(custom_hooks))
+        data_root=str(data_root), metainfo=synthetic_coco_metainfo(), model=model_config(backbone, head),
+        num_workers=num_workers, persistent_workers=persistent_workers, batch_size=batch_size,
+        max_epochs=max_epochs, val_interval=val_interval, flip_prob=flip_prob, custom_hooks=list(custom_hooks))
     with open(path, 'w') as f:
         f.write(text)
     return str(path)
@@ -196,3 +213,44 @@ def run_together(commands, timeout, envs=None, **popen_kwargs):
     codes = [process.returncode for process in processes]
     assert codes == [0] * len(processes), f'exit codes {codes}:\n' + '\n'.join(log[-3000:] for log in logs)
     return logs
+
+
+def demo_retrained(warmup_iters, log_interval):
+    """Config lines that end a child of a demo config which sets its own ``data_root`` (ending in '/'),
+    ``val_dataloader`` and ``max_epochs``.
+
+    A base config is evaluated before its child, so what the demo derives from those (the test loader and
+    evaluators, the schedule) must be derived again: the demo's schedule, a linear warm-up then a cosine decay
+    over ``max_epochs``, with validation and the checkpoint once, at the end.
+
+    Args:
+        warmup_iters (int): iterations of the linear warm-up.
+        log_interval (int): iterations between log lines.
+    """
+    return f"""test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end={warmup_iters}),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, eta_min_ratio=0.01,
+         convert_to_iter_based=True),
+]
+default_hooks = dict(logger=dict(interval={log_interval}), checkpoint=dict(interval=max_epochs))
+"""
+
+
+def randomize_bn(net, generator):
+    """Give every BN layer of ``net`` random statistics and affine parameters, as training would (in place).
+
+    Args:
+        net (torch.nn.Module): e.g. a VanillaNet.
+        generator (torch.Generator): the source of the random values.
+    """
+    for module in net.modules():
+        if isinstance(module, _BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(n, generator=generator) * 0.5 + 1)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)

@@ -6,16 +6,10 @@ _base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py', './_base_/synthetic_shape
 max_epochs = 12
 num_classes = 5
 
-# The RetinaNet demo's backbone (strides 8/16/32 after a stride-4 stem): a cheap network that learns
-# the shapes within the demo's minutes. FPN adds a max-pooled level at stride 64 for the RPN.
+# The demos' backbone; FPN adds a max-pooled level at stride 64 for the RPN.
 model = dict(
     data_preprocessor=dict(pad_size_divisor=32),
-    backbone=dict(
-        _delete_=True,
-        type='VanillaNet',
-        arch=dict(dims=[48, 96, 128, 192], strides=[2, 2, 2]),
-        act_num=2,
-        out_indices=(0, 1, 2)),
+    backbone=dict(_base_.demo_backbone, _delete_=True),
     neck=dict(in_channels=[96, 128, 192], out_channels=64, num_outs=4),
     # one square anchor per position: the shapes' boxes are close to square, and the RPN costs a third
     rpn_head=dict(in_channels=64, feat_channels=64,

@@ -6,12 +6,7 @@ max_epochs = 20
 
 model = dict(
     data_preprocessor=dict(pad_size_divisor=32),
-    backbone=dict(
-        _delete_=True,
-        type='VanillaNet',
-        arch=dict(dims=[48, 96, 128, 192], strides=[2, 2, 2]),
-        act_num=2,
-        out_indices=(0, 1, 2)),
+    backbone=dict(_base_.demo_backbone, _delete_=True),
     neck=dict(in_channels=[96, 128, 192], out_channels=64, start_level=0, add_extra_convs='on_input',
               num_outs=3),
     bbox_head=dict(

@@ -1,6 +1,6 @@
 # What the demo detectors share: the synthetic shapes dataset (tools/make_synthetic_coco.py; 256 px
-# images, 5 classes, boxes and masks), its loaders and COCO metric, AdamW from scratch, the hooks. Each
-# demo adds its detector, its schedule and, for Mask R-CNN, the masks in the pipelines.
+# images, 5 classes, boxes and masks), its loaders and COCO metric, the backbone, AdamW from scratch, the
+# hooks. Each demo adds its detector, its schedule and, for Mask R-CNN, the masks in the pipelines.
 _base_ = [
     'mmdet::_base_/datasets/coco_detection.py', 'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py'
@@ -13,6 +13,11 @@ metainfo = dict(
     palette=[(220, 20, 60), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180)])
 image_size = (256, 256)
 batch_size = 8
+
+# A narrow VanillaNet (strides 8/16/32 after a stride-4 stem): a cheap network that learns the shapes within
+# the demo's minutes. A named value, not `model`: mmdet's model base beside this one defines that.
+demo_backbone = dict(type='VanillaNet', arch=dict(dims=[48, 96, 128, 192], strides=[2, 2, 2]), act_num=2,
+                     out_indices=(0, 1, 2))
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),
