@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from mmengine.config import Config
-from test_layout import ZOO, batch, build_pair, fixed_proposals
+from test_layout import ZOO, batch, build_pair, fixed_proposals, record_op_inputs
 
 import mmdet_vanillanet  # noqa: F401  (registration)
 from mmdet_vanillanet import cpu_support
@@ -19,7 +19,7 @@ from mmdet_vanillanet.detectors import build_detector, fuse_vanillanets
 from mmdet_vanillanet.models import VanillaNet, onednn_inference
 from mmdet_vanillanet.models.execution import Execution, choose_execution
 from mmdet_vanillanet.output_comparison import detector_outputs, random_batch, relative_deviation
-from mmdet_vanillanet.precision import add_fp32_borders, bf16_inference, quantize_vanillanet
+from mmdet_vanillanet.precision import add_fp32_borders, bf16_inference, channels_last, quantize_vanillanet
 
 BF16_TOLERANCE = 3e-2   # backbone and detector outputs, bf16 against fp32
 INT8_TOLERANCE = 0.15   # backbone outputs, int8 against fp32 (random weights: a harder case than trained ones)
@@ -75,17 +75,22 @@ def test_bf16_path_matches_fp32_and_runs_in_bf16(monkeypatch):
     calls = []
     fused_forward = onednn_inference.fused_forward
     monkeypatch.setattr(onednn_inference, 'fused_forward',
-                        lambda net, x, dtype: calls.append(dtype) or fused_forward(net, x, dtype))
+                        lambda net, x, dtype, *rest: calls.append(dtype) or fused_forward(net, x, dtype, *rest))
     with torch.no_grad():
         reference = net(x)
         with autocast_bf16():
             outs = net(x)
+            net.channels_last_outputs = True
+            kept = net(x)  # the same maps, without the copy to NCHW
+            net.channels_last_outputs = False
         net.fast_inference = False
         with autocast_bf16():
             plain = net(x)  # torch's own autocast path: the independent bf16 reference
-    assert calls == [torch.float32, torch.bfloat16]
-    for out in outs:
+    assert calls == [torch.float32, torch.bfloat16, torch.bfloat16]
+    for out, out_kept in zip(outs, kept):
         assert out.dtype == torch.bfloat16 and out.is_contiguous()
+        assert out_kept.is_contiguous(memory_format=torch.channels_last) and not out_kept.is_contiguous()
+        assert torch.equal(out_kept, out)
     assert relative_deviation(reference, outs)['max_rel'] < BF16_TOLERANCE
     assert relative_deviation(plain, outs)['max_rel'] < BF16_TOLERANCE
     assert relative_deviation(reference, plain)['max_rel'] < BF16_TOLERANCE
@@ -180,21 +185,78 @@ def test_demo_detectors_run_whole_in_bf16_and_agree_with_fp32(name):
             assert bf16.pred_instances.masks.shape == fp32.pred_instances.masks.shape
 
 
-@pytest.mark.parametrize('name', ['faster-rcnn', 'cascade-mask-rcnn', 'vfnet', 'deformable-detr'])
-def test_zoo_detectors_run_whole_under_autocast_with_fp32_borders(name):
+def conv_weight_layouts(model):
+    return {name: m.weight.is_contiguous() for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def neck_outputs_channels_last(model):
+    seen = []
+    neck = model.neck[0] if isinstance(model.neck, torch.nn.Sequential) else model.neck  # FPN or ChannelMapper
+    handle = neck.register_forward_hook(
+        lambda module, args, outs: seen.extend(o.is_contiguous(memory_format=torch.channels_last) for o in outs))
+    return seen, handle
+
+
+# deformable convs whose offsets the head computes in bf16: a sampling point moves by up to a tenth of a pixel,
+# and random heads amplify that to 0.2-0.8 of the outputs' scale (with NCHW maps just the same)
+BF16_SENSITIVE = ('reppoints', 'atss-dyhead')
+
+
+@pytest.mark.parametrize('name', ZOO)
+def test_zoo_detectors_run_whole_in_bf16_channels_last_with_nchw_maps_for_mmcv(name):
+    """mmdet's zoo (RoIAlign, deformable convs, DCNv2, deformable attention) under :func:`bf16_inference`: neck
+    and heads channels-last, every layout-sensitive mmcv op fed NCHW-contiguous maps, fp32's outputs."""
     config, out_indices, compared = ZOO[name]
     model, _ = build_pair(config, out_indices)
     fuse_vanillanets(model)
+    weights_before = conv_weight_layouts(model)
     inputs, samples = batch()
     proposals = fixed_proposals(samples) if compared == 'roi' else None
     reference, _ = detector_outputs(model, inputs, samples, proposals)
+    with bf16_inference(model, allow_emulated=True, channels_last=False):
+        nchw, _ = detector_outputs(model, inputs, samples, proposals)
     with bf16_inference(model, allow_emulated=True):
+        op_inputs = record_op_inputs(model)
+        neck_layouts, handle = neck_outputs_channels_last(model)
         outputs, _ = detector_outputs(model, inputs, samples, proposals)
+        handle.remove()
         with torch.no_grad():
             predicted = model.predict(inputs, copy.deepcopy(samples))
+    assert neck_layouts and all(neck_layouts)  # the speed-up is on
+    assert op_inputs and all(nchw for _, nchw in op_inputs), op_inputs
     assert all(p.pred_instances.bboxes.dtype == torch.float32 for p in predicted)
     assert all(torch.isfinite(p.pred_instances.scores).all() for p in predicted)
-    assert relative_deviation(reference, outputs)['max_rel'] < 0.1  # deep random heads: bf16 errors add up
+    assert relative_deviation(nchw, outputs)['max_rel'] < BF16_TOLERANCE  # bf16 both, in another layout
+    if name not in BF16_SENSITIVE:
+        assert relative_deviation(reference, outputs)['max_rel'] < 0.1  # deep random heads: bf16 errors add up
+    assert conv_weight_layouts(model) == weights_before  # NCHW weights again after the block
+    assert not any(m.channels_last_outputs for m in model.modules() if isinstance(m, VanillaNet))
+
+
+def test_without_nchw_maps_for_mmcv_a_channels_last_detector_pools_scrambled_roi_features(monkeypatch):
+    """What the guard of mmcv's ops prevents: RoIAlign reading channels-last FPN maps as NCHW."""
+    config, out_indices, _ = ZOO['faster-rcnn']
+    model, _ = build_pair(config, out_indices)
+    fuse_vanillanets(model)
+    inputs, samples = batch()
+    proposals = fixed_proposals(samples)
+    reference, _ = detector_outputs(model, inputs, samples, proposals)
+    monkeypatch.setattr(channels_last, 'is_mmcv_op', lambda module: False)
+    with bf16_inference(model, allow_emulated=True):
+        outputs, _ = detector_outputs(model, inputs, samples, proposals)
+    assert relative_deviation(reference, outputs)['max_rel'] > 0.3
+
+
+@pytest.mark.parametrize('size', [(12, 16), (9, 12), (7, 8)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_channels_last_max_pool_equals_torchs(size, dtype):
+    x = torch.randn(2, 5, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0], x[1, 2, 1, 1] = float('nan'), float('-inf')
+    for kernel in (2, 3):
+        expected = torch.nn.functional.max_pool2d(x, kernel)
+        got = onednn_inference.channels_last_max_pool(x, kernel)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_fp32_borders_cast_heads_outputs_and_roi_extractor_inputs():

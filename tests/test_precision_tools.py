@@ -30,12 +30,28 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture
 def backbone_dtypes(monkeypatch):
-    """The dtype of every oneDNN forward of a VanillaNet (the training structure is fused on the fly by int8 only)."""
-    seen = []
+    """The dtype of every oneDNN forward of a VanillaNet (the training structure is fused on the fly by int8 only);
+    ``.channels_last`` has whether each returned channels-last maps."""
+    seen = ForwardCalls()
     fused_forward = onednn_inference.fused_forward
-    monkeypatch.setattr(onednn_inference, 'fused_forward',
-                        lambda net, x, dtype: seen.append(dtype) or fused_forward(net, x, dtype))
+
+    def spy(net, x, dtype, channels_last_outputs=False):
+        seen.append(dtype)
+        seen.channels_last.append(channels_last_outputs)
+        return fused_forward(net, x, dtype, channels_last_outputs)
+
+    monkeypatch.setattr(onednn_inference, 'fused_forward', spy)
     return seen
+
+
+class ForwardCalls(list):
+    def __init__(self):
+        super().__init__()
+        self.channels_last = []
+
+    def clear(self):
+        super().clear()
+        self.channels_last.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +105,7 @@ def test_bf16_reaches_the_backbone_and_the_detector_runs_whole(tiny, fused_check
     backbone_dtypes.clear()
     predictions = run_test_tool(fused, tmp_path / 'bf16', *flags)
     assert set(backbone_dtypes) == {torch.bfloat16}
+    assert set(backbone_dtypes.channels_last) == {True}  # Fp32PostprocessHook runs the detector channels-last
     assert len(predictions) == len(reference) == 4
     for (score, box), (ref_score, ref_box) in zip(best_detections(predictions), best_detections(reference)):
         assert box.dtype == torch.float32

@@ -213,9 +213,11 @@ class VanillaNet(BaseModule):
         deploy (bool): build the fused deploy structure directly. Default: False.
         channels_last (bool): run the network in channels-last memory format inside; depthwise convs,
             and so the series activation, are several times faster so on CPU. The layout stays inside:
-            the outputs are always ordinary NCHW-contiguous tensors, because mmcv's RoIAlign and
-            deformable convs read their input's memory as NCHW (channels-last maps give wrong RoI
-            features silently, or "input must be contiguous"). Default: True.
+            the outputs are ordinary NCHW-contiguous tensors, because mmcv's RoIAlign and deformable
+            convs read their input's memory as NCHW (channels-last maps give wrong RoI features silently,
+            or "input must be contiguous"). The one exception is bf16 inference inside
+            :func:`mmdet_vanillanet.precision.channels_last_detector`, which hands channels-last maps to
+            the neck and feeds every mmcv op NCHW. Default: True.
         fast_inference (bool): fused structure only: on CPU, without autograd (``torch.no_grad`` /
             ``torch.inference_mode``), run the network through oneDNN's convolutions with every ReLU fused
             into the conv before it: in fp32 on oneDNN's blocked layout (nChw16c), where its direct
@@ -285,6 +287,8 @@ class VanillaNet(BaseModule):
         self.deploy = deploy
         self.channels_last = channels_last
         self.fast_inference = fast_inference
+        # set by precision.channels_last.channels_last_detector only, whose guards make this safe for mmcv's ops
+        self.channels_last_outputs = False
         self._act_learn = 1.0
         self._build_layers()
         self._freeze_stages()
@@ -398,7 +402,7 @@ class VanillaNet(BaseModule):
         if execution is Execution.ONEDNN_FP32:
             return onednn_inference.fused_forward(self, x, torch.float32)
         if execution is Execution.ONEDNN_BF16:
-            return onednn_inference.fused_forward(self, x, torch.bfloat16)
+            return onednn_inference.fused_forward(self, x, torch.bfloat16, self.channels_last_outputs)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x)

@@ -19,6 +19,7 @@ from mmengine.model import is_model_wrapper
 from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
 
 from .. import cpu_support
+from .channels_last import channels_last_detector
 
 # modules whose mmcv 2.1.0 CPU kernels take fp32 only
 FP32_MODULES = (BaseRoIExtractor, mmcv_ops.DeformConv2d, mmcv_ops.ModulatedDeformConv2d)
@@ -92,16 +93,24 @@ def bf16_available(allow_emulated=False, what='bf16 inference'):
     return False
 
 
+def runs_on_cpu(model):
+    """Whether ``model``'s parameters are on the CPU (a model without parameters counts as on the CPU)."""
+    return all(p.device.type == 'cpu' for p in model.parameters())
+
+
 @contextmanager
-def bf16_inference(model, allow_emulated=False):
+def bf16_inference(model, allow_emulated=False, channels_last=True):
     """Run ``model`` (a detector) in bf16 inside the block: CPU autocast, fp32 post-processing.
 
     VanillaNets inside take their oneDNN bf16 path. On a CPU without native bf16 the block runs fp32 and
-    says so once, unless ``allow_emulated``.
+    says so once, unless ``allow_emulated``. With ``channels_last`` the necks and heads run in channels-last
+    memory format, with NCHW maps wherever mmcv's ops read them (:mod:`.channels_last`); the weights are
+    NCHW again after the block.
 
     Args:
-        model (nn.Module): the detector, e.g. ``DetInferencer(...).model``.
+        model (nn.Module): the detector on the CPU, e.g. ``DetInferencer(...).model``.
         allow_emulated (bool): use bf16 even without native support. Default: False.
+        channels_last (bool): run the necks and heads channels-last. Default: True.
 
     Example:
         >>> with bf16_inference(inferencer.model):  # doctest: +SKIP
@@ -111,6 +120,8 @@ def bf16_inference(model, allow_emulated=False):
         yield model
         return
     with ExitStack() as stack:
+        if channels_last and runs_on_cpu(model):
+            stack.enter_context(channels_last_detector(model))  # before autocast caches bf16 weights
         for handle in add_fp32_borders(model):
             stack.callback(handle.remove)
         stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16))

@@ -1,5 +1,7 @@
 """mmengine hooks that put reduced precision into the Runner's val / test loops, and the config entries that
 add them (what ``--bf16`` / ``--int8`` of the tools do)."""
+from contextlib import ExitStack
+
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
@@ -7,7 +9,8 @@ from mmdet.registry import HOOKS
 
 from .. import cpu_support
 from ..checkpoint.safe_load import check_checkpoint_file
-from .bf16 import add_fp32_borders, bf16_available
+from .bf16 import add_fp32_borders, bf16_available, runs_on_cpu
+from .channels_last import channels_last_detector
 from .int8 import load_calibration, replace_with_int8
 
 
@@ -18,21 +21,28 @@ class Fp32PostprocessHook(Hook):
     Add it to ``custom_hooks``; with ``test_cfg = dict(type='TestLoop', fp16=True)`` (or ``val_cfg``) on a CPU
     the loop's bf16 autocast then runs whole detectors (see :mod:`mmdet_vanillanet.precision.bf16`). It does
     nothing for loops without ``fp16``. ``tools/test.py`` adds it whenever the test loop has ``fp16``.
+
+    Args:
+        channels_last (bool): on a CPU, run the necks and heads in channels-last memory format during the loop
+            (:func:`mmdet_vanillanet.precision.channels_last.channels_last_detector`). Default: True.
     """
 
     priority = 'VERY_LOW'
 
-    def __init__(self):
-        self._handles = []
+    def __init__(self, channels_last=True):
+        self.channels_last = channels_last
+        self._undo = ExitStack()
 
     def _add(self, runner, loop):
-        if getattr(loop, 'fp16', False):
-            self._handles = add_fp32_borders(runner.model)
+        if not getattr(loop, 'fp16', False):
+            return
+        if self.channels_last and runs_on_cpu(runner.model):
+            self._undo.enter_context(channels_last_detector(runner.model))
+        for handle in add_fp32_borders(runner.model):
+            self._undo.callback(handle.remove)
 
     def _remove(self):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._undo.close()
 
     def before_val(self, runner):
         self._add(runner, runner.val_loop)
