@@ -213,6 +213,11 @@ def test_precision_rows_compare_each_model_with_itself_in_fp32(tmp_path, capsys,
         # the targets read the same rows: VanillaNet-13 / ResNet-50 is 2/6 in fp32 and 0.5/1.5 in bf16
         assert 'RetinaNet VanillaNet-13 / ResNet-50 latency: 0.33x in fp32, 0.33x in bf16' in table
         assert 'RetinaNet bf16: 4.00x faster than fp32 (target >= 3.0x: met)' in table
+    if cpu_support.native_bf16() and cpu_support.native_int8():
+        row = retinanet['VanillaNet-13 fused, int8 backbone (PT2E), rest bf16']
+        assert row['speedup'] == pytest.approx(2.0 / 0.2) and row['notes'][0].startswith('vs fp32: ')
+        assert 'RetinaNet int8 backbone, rest bf16: 10.00x faster than fp32, 0.80x the latency of OpenVINO bf16.' \
+            in table
     assert 'Reduced precision on this CPU: native bf16:' in table
 
 

@@ -43,6 +43,7 @@ BACKBONE = 'reduced precision: backbone'
 VANILLANET = 'VanillaNet-13 fused'
 # backbones whose int8 rows are measured (PT2E with the X86 inductor quantizer: convs, pools)
 INT8_BACKBONES = ('vanillanet', 'r50')
+INT8_BF16 = 'int8 backbone (PT2E), rest bf16'
 NOT_NATIVE = {'bf16': 'not measured: no native bf16 on this CPU', 'int8': 'not measured: no native int8 on this CPU'}
 
 
@@ -197,7 +198,7 @@ def _backbone_swapped(model, backbone):
 
 
 def _detector_variants(model, inputs, backbone, label, log, report, section):
-    """The reduced-precision contexts of one detector: bf16 whole; an int8 backbone, the rest fp32."""
+    """The reduced-precision contexts of one detector: bf16 whole; an int8 backbone, the rest fp32 or bf16."""
     variants = {}
     if _native('bf16'):
         variants['bf16 (autocast, fp32 post-processing)'] = lambda: bf16_inference(model)
@@ -211,7 +212,15 @@ def _detector_variants(model, inputs, backbone, label, log, report, section):
             _int8_baseline(model.backbone, 32, images, report, section, f'{label}, int8')
         if int8 is not None:
             variants['int8 backbone (PT2E), rest fp32'] = lambda: _backbone_swapped(model, int8)
+            if _native('bf16'):
+                variants[INT8_BF16] = lambda: _int8_backbone_bf16_rest(model, int8)
     return variants
+
+
+@contextlib.contextmanager
+def _int8_backbone_bf16_rest(model, int8):
+    with _backbone_swapped(model, int8), bf16_inference(model):
+        yield
 
 
 def _timed_in(context, forward):

@@ -102,7 +102,7 @@ def precision_targets(report):
         seconds = {key: _seconds(report, section, name) for key, name in (
             ('v32', f'{vanilla}, fp32'), ('v16', f'{vanilla}, bf16 (autocast, fp32 post-processing)'),
             ('r32', 'ResNet-50, fp32'), ('r16', 'ResNet-50, bf16 (autocast, fp32 post-processing)'),
-            ('ov16', f'{vanilla}, OpenVINO bf16'))}
+            ('ov16', f'{vanilla}, OpenVINO bf16'), ('v8', f'{vanilla}, int8 backbone (PT2E), rest bf16'))}
         if seconds['v32'] and seconds['v16']:
             speedup = seconds['v32'] / seconds['v16']
             lines.append(f'{detector} bf16: {speedup:.2f}x faster than fp32 (target >= {TARGET_BF16_SPEEDUP}x: '
@@ -115,6 +115,11 @@ def precision_targets(report):
             ratio = seconds['v16'] / seconds['ov16']
             lines.append(f'{detector} bf16, PyTorch / OpenVINO latency: {ratio:.2f}x '
                          f'(target <= 1: {_met(ratio <= 1)}).')
+        if seconds['v32'] and seconds['v8']:
+            line = f'{detector} int8 backbone, rest bf16: {seconds["v32"] / seconds["v8"]:.2f}x faster than fp32'
+            if seconds['ov16']:
+                line += f', {seconds["v8"] / seconds["ov16"]:.2f}x the latency of OpenVINO bf16'
+            lines.append(line + '.')
     return lines
 
 
