@@ -197,8 +197,8 @@ def neck_outputs_channels_last(model):
     return seen, handle
 
 
-# deformable convs whose offsets the head computes in bf16: a sampling point moves by up to a tenth of a pixel,
-# and random heads amplify that to 0.2-0.8 of the outputs' scale (with NCHW maps just the same)
+# deformable convs whose offsets the head computes in bf16 (8 significant bits): the sampling points move, and
+# random heads amplify that to 0.2-0.8 of the outputs' scale (with NCHW maps just the same)
 BF16_SENSITIVE = ('reppoints', 'atss-dyhead')
 
 
