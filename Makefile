@@ -8,6 +8,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 MMCV_SPEC ?= mmcv==2.1.0
 MAX_JOBS ?= $(shell nproc)
+# `make test` runs the suite in this many processes (pytest-xdist), each computing on one thread; an idle
+# process takes tests queued for a busy one (worksteal), so that the long tests do not end up on one side.
+TEST_JOBS ?= 2
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 REQS := $(CONSTRAINTS) requirements/build.txt requirements/runtime.txt requirements/tests.txt requirements/extras.txt setup.py
@@ -36,7 +39,7 @@ demo-mask: install
 	$(PY) tools/demo.py --config configs/demo/mask-rcnn_vanillanet_demo.py
 
 test: install
-	$(PY) -m pytest -m "not slow" tests
+	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal -m "not slow" tests
 
 test-slow: install
 	$(PY) -m pytest -m slow tests

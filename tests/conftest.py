@@ -1,6 +1,16 @@
+import os
+
 import pytest
 import torch
 from mmengine.registry import init_default_scope
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs 2 worker processes) every worker computes on one thread, and so do
+    the processes it starts: on a 2-core machine, two workers of two threads each would spin-wait for each other."""
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        os.environ.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,10 @@
 """The installable plugin: registration on import, mmdet-style train / test / resume through tools/, and mmdet's
-analysis tools on what they write."""
+analysis tools on what they write.
+
+A process of its own where that is what is checked: importing the plugin, mmdet's own train tool loading it
+through the config's ``custom_imports``, the demo's command line (``make demo``, ``make demo-mask``). Elsewhere
+the tools' ``main`` and mmdet's analysis scripts run in this process, with the same arguments.
+"""
 import re
 import subprocess
 import sys
@@ -7,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny_detector import load_tool, run_script
 
 import mmdet
 
@@ -16,11 +22,22 @@ from mmdet_vanillanet.datasets import generate_synthetic_coco
 ROOT = Path(__file__).resolve().parents[1]
 MMDET_ANALYSIS_TOOLS = Path(mmdet.__file__).parent / '.mim' / 'tools' / 'analysis_tools'
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def run_tool(*args, cwd=ROOT):
+    """``python *args`` in a process of its own: its output."""
     result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True)
     assert result.returncode == 0, f'{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
     return result.stdout + result.stderr
+
+
+def run_main(capsys, tool, *args):
+    """``tools/<tool>.py``'s ``main`` with these arguments, in this process: what it printed and logged."""
+    capsys.readouterr()
+    load_tool(tool).main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return captured.out + captured.err
 
 
 def test_import_registers_everything_and_touches_no_network():
@@ -95,22 +112,22 @@ def tiny_setup(tmp_path_factory):
     return root, config
 
 
-def test_train_test_and_resume_through_tools(tiny_setup):
+def test_train_test_and_resume_through_tools(tiny_setup, capsys):
     root, config = tiny_setup
     work_dir = root / 'work'
-    log = run_tool('tools/train.py', config, '--work-dir', work_dir)
+    log = run_main(capsys, 'train', config, '--work-dir', work_dir)
     assert (work_dir / 'epoch_1.pth').is_file()
     assert re.search(r'coco/bbox_mAP: -?\d\.\d+', log), 'validation did not run the COCO metric'
 
-    log = run_tool('tools/test.py', config, work_dir / 'epoch_1.pth', '--work-dir', root / 'test',
+    log = run_main(capsys, 'test', config, work_dir / 'epoch_1.pth', '--work-dir', root / 'test',
                    '--out', root / 'preds.pkl')
     assert re.search(r'coco/bbox_mAP: -?\d\.\d+', log)
     # mmdet's confusion_matrix.py reads the predictions
-    run_tool(MMDET_ANALYSIS_TOOLS / 'confusion_matrix.py', config, root / 'preds.pkl', root / 'confusion',
-             '--score-thr', '0.0')
+    run_script(MMDET_ANALYSIS_TOOLS / 'confusion_matrix.py', config, root / 'preds.pkl', root / 'confusion',
+               '--score-thr', '0.0')
     assert (root / 'confusion' / 'confusion_matrix.png').stat().st_size > 1000
 
-    log = run_tool('tools/train.py', config, '--work-dir', work_dir, '--resume',
+    log = run_main(capsys, 'train', config, '--work-dir', work_dir, '--resume',
                    '--cfg-options', 'train_cfg.max_epochs=2')
     assert re.search(r'resumed epoch: 1, iter: 2', log), log[-2000:]
     assert (work_dir / 'epoch_2.pth').is_file()
@@ -121,6 +138,8 @@ def test_train_test_and_resume_through_tools(tiny_setup):
 def test_shortened_demo_trains_evaluates_fuses_and_draws(tiny_setup, detector):
     root, _ = tiny_setup
     work_dir = root / f'demo_{detector}'
+    # the command line of `make demo` / `make demo-mask`, in a process of its own (in a process that ran a
+    # Runner before, mmengine hands the demo config's visualizer, named 'visualizer', that Runner's log folder)
     log = run_tool('tools/demo.py', '--config', root / f'tiny_{detector}.py', '--work-dir', work_dir,
                    '--num-train', 8, '--num-val', 4, '--image-size', 64, '--timed-images', 2,
                    '--calibration-images', 4)
@@ -149,8 +168,8 @@ def test_shortened_demo_trains_evaluates_fuses_and_draws(tiny_setup, detector):
     train_logs = [p for p in work_dir.glob('*/vis_data/*.json')
                   if p.stem == p.parent.parent.name and '"loss"' in p.read_text()]
     assert len(train_logs) == 1, train_logs
-    run_tool(MMDET_ANALYSIS_TOOLS / 'analyze_logs.py', 'plot_curve', train_logs[0], '--keys', 'loss', 'loss_cls',
-             '--backend', 'agg', '--out', work_dir / 'loss_curve.png')
+    run_script(MMDET_ANALYSIS_TOOLS / 'analyze_logs.py', 'plot_curve', train_logs[0], '--keys', 'loss', 'loss_cls',
+               '--backend', 'agg', '--out', work_dir / 'loss_curve.png')
     assert (work_dir / 'loss_curve.png').stat().st_size > 1000
 
 

@@ -55,7 +55,9 @@ def released(request, workspace):
 
 
 def run(command, cwd, timeout=600):
-    result = subprocess.run([sys.executable, *map(str, command)], cwd=cwd, env=dict(tool_env(), OMP_NUM_THREADS='2'),
+    # as many threads as this process computes on: 2 on 2 cores, 1 in a worker of `make test` (pytest-xdist)
+    result = subprocess.run([sys.executable, *map(str, command)], cwd=cwd,
+                            env=dict(tool_env(), OMP_NUM_THREADS=str(torch.get_num_threads())),
                             capture_output=True, text=True, timeout=timeout)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

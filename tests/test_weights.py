@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from mmengine.logging import MMLogger
-from tiny_detector import randomize_bn
+from tiny_detector import load_tool, randomize_bn
 
 from mmdet.registry import MODELS
 
@@ -298,13 +298,21 @@ def test_other_init_cfg_entries_still_apply(tmp_path):
 
 
 def run_tool(*args):
+    """``python tools/convert_weights.py *args``, its command line, in a process of its own: what it printed."""
     result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'convert_weights.py'), *map(str, args)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
-def test_convert_weights_output_loads(tmp_path):
+def run_main(capsys, *args):
+    """The same tool's ``main``, in this process: what it printed."""
+    capsys.readouterr()
+    load_tool('convert_weights').main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
+def test_convert_weights_output_loads(tmp_path, capsys):
     ema, model = random_net(NARROW_7, 4, seed=0), random_net(NARROW_7, 4, seed=1)
     src = save(published(with_classifier(ema.state_dict()), with_classifier(model.state_dict()), 4), tmp_path)
     out = run_tool(src, tmp_path / 'clean.pth')
@@ -314,7 +322,7 @@ def test_convert_weights_output_loads(tmp_path):
     assert not any(k.startswith('cls') for k in clean['state_dict'])
     assert_same_features(pretrained_net(str(tmp_path / 'clean.pth'), NARROW_7, 4), ema)
 
-    out = run_tool(src, tmp_path / 'fused.pth', '--key', 'model', '--deploy')
+    out = run_main(capsys, src, tmp_path / 'fused.pth', '--key', 'model', '--deploy')
     assert '(model; also holds model_ema;' in out and 'fused:      deploy structure' in out
     fused = pretrained_net(str(tmp_path / 'fused.pth'), NARROW_7, 4, deploy=True)
     assert_same_features(fused, model, exact=False)

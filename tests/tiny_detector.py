@@ -187,6 +187,29 @@ def load_tool(tool):
     return module
 
 
+def run_script(path, *args):
+    """Run a Python script (e.g. one of mmdet's tools) in this process as ``python path args`` would run it:
+    ``__name__ == '__main__'`` and ``sys.argv == [path, *args]``. matplotlib's settings (which mmdet's plotting
+    tools change: seaborn's style) and figures are left as they were.
+
+    Args:
+        path (str | Path): the script.
+        *args: its arguments.
+    """
+    import runpy
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+    argv = sys.argv
+    sys.argv = [str(path), *map(str, args)]
+    try:
+        with matplotlib.rc_context():
+            runpy.run_path(str(path), run_name='__main__')
+    finally:
+        sys.argv = argv
+        plt.close('all')
+
+
 def run_together(commands, timeout, envs=None, **popen_kwargs):
     """Start every command at once (the ranks of one job), wait for all, fail the test if one hangs or fails.
 
