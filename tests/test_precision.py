@@ -7,6 +7,7 @@ per tensor.
 """
 import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,13 @@ from mmdet_vanillanet.detectors import build_detector, fuse_vanillanets
 from mmdet_vanillanet.models import VanillaNet, onednn_inference
 from mmdet_vanillanet.models.execution import Execution, choose_execution
 from mmdet_vanillanet.output_comparison import detector_outputs, random_batch, relative_deviation
-from mmdet_vanillanet.precision import add_fp32_borders, bf16_inference, channels_last, quantize_vanillanet
+from mmdet_vanillanet.precision import (
+    Fp32PostprocessHook,
+    add_fp32_borders,
+    bf16_inference,
+    channels_last,
+    quantize_vanillanet,
+)
 
 BF16_TOLERANCE = 3e-2   # backbone and detector outputs, bf16 against fp32
 INT8_TOLERANCE = 0.15   # backbone outputs, int8 against fp32 (random weights: a harder case than trained ones)
@@ -268,6 +275,24 @@ def test_fp32_borders_cast_heads_outputs_and_roi_extractor_inputs():
                       'roi_head.mask_roi_extractor', 'rpn_head'], (hooked, kinds)
     for handle in handles:
         handle.remove()
+
+
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_fp32_postprocess_hook_runs_the_loop_channels_last_and_restores_the_model(channels_last):
+    model = demo_detector('mask-rcnn')
+    before = conv_weight_layouts(model)
+    runner = SimpleNamespace(model=model, test_loop=SimpleNamespace(fp16=True))
+    hook = Fp32PostprocessHook(channels_last=channels_last)
+    hook.before_test(runner)
+    during = conv_weight_layouts(model)
+    assert model.roi_head.mask_roi_extractor._forward_pre_hooks  # the fp32 borders are on either way
+    assert (model.neck.fpn_convs[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+            and not model.neck.fpn_convs[0].conv.weight.is_contiguous()) == channels_last
+    assert model.backbone.channels_last_outputs == channels_last
+    assert all(during[name] for name in during if name.startswith('backbone.'))  # VanillaNet keeps its own
+    hook.after_test(runner)
+    assert conv_weight_layouts(model) == before and not model.backbone.channels_last_outputs
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 # ---- int8 ----------------------------------------------------------------------------------------------
