@@ -20,20 +20,19 @@ from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
 
 from .. import cpu_support
 from .channels_last import channels_last_detector
+from .nested import map_tensors
 
 # modules whose mmcv 2.1.0 CPU kernels take fp32 only
 FP32_MODULES = (BaseRoIExtractor, mmcv_ops.DeformConv2d, mmcv_ops.ModulatedDeformConv2d)
 
 
+def _fp32(tensor):
+    return tensor.float() if tensor.is_floating_point() and tensor.dtype != torch.float32 else tensor
+
+
 def to_fp32(value):
     """``value`` with every reduced-precision floating tensor inside (nested tuples, lists, dicts) in fp32."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_fp32(item) for item in value)
-    if isinstance(value, dict):
-        return type(value)((key, to_fp32(item)) for key, item in value.items())
-    return value
+    return map_tensors(_fp32, value)
 
 
 def _outputs_to_fp32(module, args, output):

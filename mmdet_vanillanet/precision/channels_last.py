@@ -14,6 +14,7 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 
 from ..detectors import find_vanillanets
+from .nested import map_tensors
 
 
 def is_mmcv_op(module):
@@ -21,15 +22,13 @@ def is_mmcv_op(module):
     return type(module).__module__.startswith('mmcv.ops')
 
 
+def _nchw(tensor):
+    return tensor.contiguous() if tensor.dim() == 4 else tensor
+
+
 def to_nchw(value):
     """``value`` with every 4-D tensor inside (nested tuples, lists, dicts) NCHW-contiguous."""
-    if isinstance(value, torch.Tensor):
-        return value.contiguous() if value.dim() == 4 else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_nchw(item) for item in value)
-    if isinstance(value, dict):
-        return type(value)((key, to_nchw(item)) for key, item in value.items())
-    return value
+    return map_tensors(_nchw, value)
 
 
 def _inputs_to_nchw(module, args, kwargs):
