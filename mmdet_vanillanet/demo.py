@@ -33,6 +33,23 @@ def _data_root(cfg):
     return dataset.data_root
 
 
+def training_runner(cfg):
+    """The Runner that trains the demo detector, without validation (the final checkpoint is tested once), with
+    a visualizer of its own.
+
+    mmengine hands a Runner the existing visualizer of the name its config gives (mmdet's and the demo's
+    configs say ``'visualizer'``), and with it an earlier Runner's log folder: a second demo in one process
+    (a notebook) would write its training log there. A name of its own gives each run its own folder.
+
+    Args:
+        cfg (mmengine.Config): the demo config, ``work_dir`` set; not changed.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.visualizer.name = f'{cfg.visualizer.get("name", "visualizer")}_{time.time_ns()}'
+    return Runner.from_cfg(cfg)
+
+
 def _test_metrics(cfg, checkpoint):
     cfg = copy.deepcopy(cfg)
     cfg.load_from = checkpoint
@@ -91,10 +108,7 @@ def run_demo(config, work_dir=None, num_train=600, num_val=100, image_size=256, 
     generate_synthetic_coco(_data_root(cfg), num_train=num_train, num_val=num_val, image_size=image_size,
                             seed=seed)
 
-    train_cfg = copy.deepcopy(cfg)
-    # evaluated once below, by a test run of the final checkpoint
-    train_cfg.val_dataloader = train_cfg.val_cfg = train_cfg.val_evaluator = None
-    runner = Runner.from_cfg(train_cfg)
+    runner = training_runner(cfg)
     start = time.perf_counter()
     runner.train()
     train_seconds = time.perf_counter() - start

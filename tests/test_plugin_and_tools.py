@@ -18,6 +18,7 @@ import mmdet
 
 from mmdet_vanillanet import cpu_support
 from mmdet_vanillanet.datasets import generate_synthetic_coco
+from mmdet_vanillanet.demo import training_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 MMDET_ANALYSIS_TOOLS = Path(mmdet.__file__).parent / '.mim' / 'tools' / 'analysis_tools'
@@ -171,6 +172,22 @@ def test_shortened_demo_trains_evaluates_fuses_and_draws(tiny_setup, detector):
     run_script(MMDET_ANALYSIS_TOOLS / 'analyze_logs.py', 'plot_curve', train_logs[0], '--keys', 'loss', 'loss_cls',
                '--backend', 'agg', '--out', work_dir / 'loss_curve.png')
     assert (work_dir / 'loss_curve.png').stat().st_size > 1000
+
+
+def test_a_second_demo_in_one_process_trains_with_a_visualizer_and_log_folder_of_its_own(tmp_path):
+    """mmengine hands a Runner the existing visualizer of its config's name ('visualizer'), with an earlier
+    Runner's folder: a second ``run_demo`` in one process (a notebook) lost its training log to the first."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(ROOT / 'configs/demo/retinanet_vanillanet_demo.py'))
+    runners = []
+    for name in ('first', 'second'):
+        cfg.work_dir = str(tmp_path / name)
+        runners.append(training_runner(cfg))
+    assert runners[0].visualizer is not runners[1].visualizer
+    for runner in runners:
+        (backend,) = runner.visualizer._vis_backends.values()
+        assert Path(backend._save_dir).is_relative_to(runner.log_dir)
 
 
 def test_mmdet_own_train_tool_trains_with_the_plugin(tiny_setup):
