@@ -46,7 +46,8 @@ def training_runner(cfg):
     """
     cfg = copy.deepcopy(cfg)
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.visualizer.name = f'{cfg.visualizer.get("name", "visualizer")}_{time.time_ns()}'
+    if cfg.get('visualizer'):  # without one, the Runner builds its own, named after the run
+        cfg.visualizer.name = f'{cfg.visualizer.get("name", "visualizer")}_{time.time_ns()}'
     return Runner.from_cfg(cfg)
 
 
