@@ -1,10 +1,26 @@
+import sys
+
 from setuptools import find_packages, setup
+
+try:  # the kernel is compiled against the torch it will run with: install torch first, then this (no isolation)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit('mmdet_vanillanet compiles a CPU kernel against torch: install torch first, then this package with '
+             "pip's --no-build-isolation (`make install` does both).")
+
+# The fused VanillaNet's CPU kernels (mmdet_vanillanet/csrc/): the depthwise conv for AVX-512 CPUs, compiled for
+# AVX-512 by target attributes (the build runs on any x86-64 machine), and the channels-last to NCHW copy.
+CPU_KERNELS = CppExtension(
+    'mmdet_vanillanet._cpu_kernels', ['mmdet_vanillanet/csrc/depthwise_conv.cpp', 'mmdet_vanillanet/csrc/nchw_copy.cpp'],
+    extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])
 
 setup(
     name='mmdet_vanillanet',
     version='0.1.0',
     description='VanillaNet backbone for MMDetection 3.x',
     packages=find_packages(include=['mmdet_vanillanet', 'mmdet_vanillanet.*']),
+    ext_modules=[CPU_KERNELS],
+    cmdclass={'build_ext': BuildExtension},
     # exception notes (BaseException.add_note) and torchcam 0.5 need Python 3.11
     python_requires='>=3.11',
     license='MIT',

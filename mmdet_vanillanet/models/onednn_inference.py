@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
+
 # largest relative deviation of the probe block from the plain fp32 ops: float rounding, bf16 rounding
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -42,33 +44,49 @@ def _depthwise(x, weight, bias, act):
                                                    act.channels, 'none', [None], None)
 
 
-def _parameters(net):
-    """The fused weights and biases in call order: stem conv, stem activation, then conv and act of each block."""
+def _modules_in_call_order(net):
+    """The fused convs and activations in call order: stem conv, stem activation, then conv and act of each block."""
     modules = [net.stem[0], net.stem[1]]
     for block in net.stages:
         modules += [block.conv, block.act]
-    return [tensor for module in modules for tensor in (module.weight, module.bias)]
+    return modules
+
+
+def _uses_kernel(dtype, act):
+    """Whether the series activation ``act`` runs on the project's depthwise kernel in ``dtype``."""
+    return LAYOUTS[dtype] is _ChannelsLast and cpu_kernels.depthwise_runs(2 * act.act_num + 1)
 
 
 def weights_in(net, dtype):
-    """``net``'s fused parameters in ``dtype``, converted once and kept until a parameter changes.
+    """``net``'s fused weights and biases in call order, as the fast path in ``dtype`` reads them, converted once
+    and kept until a parameter changes.
 
-    fp32 returns the parameters themselves. Other dtypes are cached on ``net`` (outside its state dict),
-    keyed by each parameter's storage and version counter, so an in-place update (``load_state_dict``,
-    an optimizer step) or a replaced parameter converts them again.
+    fp32 returns the parameters themselves. In bf16 the values are rounded to bf16, and the series
+    activations that run on the project's depthwise kernel get its layout (:func:`cpu_kernels.depthwise_weights`).
+    The conversions are cached on ``net`` (outside its state dict), keyed by each parameter's storage and version
+    counter, so an in-place update (``load_state_dict``, an optimizer step) or a replaced parameter converts them
+    again.
 
     Args:
         net (VanillaNet): a deploy-structure VanillaNet.
         dtype (torch.dtype): the compute dtype.
     """
-    params = _parameters(net)
+    modules = _modules_in_call_order(net)
+    params = [tensor for module in modules for tensor in (module.weight, module.bias)]
     if dtype == torch.float32:
         return params
-    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+    kernel = tuple(hasattr(module, 'act_num') and _uses_kernel(dtype, module) for module in modules)
+    key = (dtype, kernel, tuple((p.data_ptr(), p._version) for p in params))
     cache = net.__dict__.get('_onednn_weights')
     if cache is None or cache[0] != key:
         with torch.no_grad():
-            cache = (key, [p.detach().to(dtype).contiguous() for p in params])
+            converted = []
+            for module, on_kernel in zip(modules, kernel):
+                if on_kernel:
+                    converted += cpu_kernels.depthwise_weights(module.weight, module.bias, dtype)
+                else:
+                    converted += [p.detach().to(dtype).contiguous() for p in (module.weight, module.bias)]
+        cache = (key, converted)
         net.__dict__['_onednn_weights'] = cache
     return cache[1]
 
@@ -111,11 +129,15 @@ class _Blocked:
     def pointwise(x, weight, bias, conv, relu):
         return _conv(x, weight, bias, conv, relu)
 
+    @staticmethod
+    def depthwise(x, weight, bias, act):
+        return _depthwise(x, weight, bias, act)
+
 
 class _ChannelsLast:
     """Dense channels-last (NHWC) tensors: bf16's fastest, where AMX runs the 1x1 convs (as matrix products over
-    the pixels) and oneDNN's brgemm kernel the depthwise ones, with no reorder in between (on the blocked layout
-    bf16 reorders around every conv and its depthwise kernel is 2.4x slower)."""
+    the pixels) and the project's kernel (:mod:`.cpu_kernels`; oneDNN's where it does not run) the depthwise
+    ones, with no reorder in between (on the blocked layout bf16 reorders around every conv)."""
 
     @staticmethod
     def enter(x):
@@ -123,7 +145,7 @@ class _ChannelsLast:
 
     @staticmethod
     def leave(x):
-        return x.contiguous()
+        return cpu_kernels.contiguous(x)
 
     @staticmethod
     def max_pool(x, size):
@@ -132,6 +154,12 @@ class _ChannelsLast:
     @staticmethod
     def pointwise(x, weight, bias, conv, relu):
         return _pointwise_rows(x, weight, bias, relu)
+
+    @staticmethod
+    def depthwise(x, weight, bias, act):
+        if _uses_kernel(x.dtype, act):
+            return cpu_kernels.depthwise_conv(x, weight, bias)
+        return _depthwise(x, weight, bias, act)
 
 
 LAYOUTS = {torch.float32: _Blocked, torch.bfloat16: _ChannelsLast}
@@ -156,13 +184,13 @@ def fused_forward(net, x, dtype=torch.float32, channels_last_outputs=False):
     weights = iter(weights_in(net, dtype))
     x = layout.enter(x.to(dtype))
     x = _conv(x, next(weights), next(weights), net.stem[0], relu=True)
-    x = _depthwise(x, next(weights), next(weights), net.stem[1])
+    x = layout.depthwise(x, next(weights), next(weights), net.stem[1])
     outs = []
     for i, block in enumerate(net.stages):
         x = layout.pointwise(x, next(weights), next(weights), block.conv, relu=True)
         if isinstance(block.pool, nn.MaxPool2d):
             x = layout.max_pool(x, int(block.pool.kernel_size))
-        x = _depthwise(x, next(weights), next(weights), block.act)
+        x = layout.depthwise(x, next(weights), next(weights), block.act)
         if i in net.out_indices:
             outs.append(leave(x))
     return tuple(outs)
