@@ -11,7 +11,8 @@ except ImportError:
 # The fused VanillaNet's CPU kernels (mmdet_vanillanet/csrc/): the depthwise conv for AVX-512 CPUs, compiled for
 # AVX-512 by target attributes (the build runs on any x86-64 machine), and the channels-last to NCHW copy.
 CPU_KERNELS = CppExtension(
-    'mmdet_vanillanet._cpu_kernels', ['mmdet_vanillanet/csrc/depthwise_conv.cpp', 'mmdet_vanillanet/csrc/nchw_copy.cpp'],
+    'mmdet_vanillanet._cpu_kernels',
+    ['mmdet_vanillanet/csrc/depthwise_conv.cpp', 'mmdet_vanillanet/csrc/nchw_copy.cpp'],
     extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])
 
 setup(
