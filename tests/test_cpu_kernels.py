@@ -158,3 +158,58 @@ def test_bf16_backbone_outputs_leave_through_the_layout_copy(monkeypatch):
     if onednn_inference.fast_path_works(torch.bfloat16):
         assert copies == [out.shape for out in outs]
     assert all(out.is_contiguous() for out in outs)
+
+
+# ---- the quantized depthwise kernel, and the int8 backbone on it ---------------------------------------
+
+def quantize(x, scale, zero_point):
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
+
+
+@needs_depthwise
+@pytest.mark.parametrize('layout', [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize('n, c, h, w, k', [(1, 40, 13, 37, 9), (2, 512, 3, 240, 9), (1, 24, 6, 5, 5)])
+def test_quantized_depthwise_kernel_equals_dequantize_conv_quantize(n, c, h, w, k, layout):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, c, h, w), generator=generator, dtype=torch.uint8).contiguous(memory_format=layout)
+    x_scale, x_zero_point, out_scale, out_zero_point = 0.05, 37, 0.08, 121
+    q_weight = torch.randint(-128, 128, (c, 1, k, k), generator=generator).float()
+    weight_scales = (torch.rand(c, generator=generator) * 0.002 + 0.0005) * 9 / k  # sums spread as far for any k
+    bias = torch.randn(c, generator=generator)
+    weight = q_weight * weight_scales.view(-1, 1, 1, 1)
+    # PT2E's reference: dequantize, conv in fp32, quantize
+    reference = quantize(F.conv2d((x.float() - x_zero_point) * x_scale, weight, bias, padding=k // 2, groups=c),
+                         out_scale, out_zero_point)
+    kernel_weight = (weight * x_scale).view(c, k, k).permute(1, 2, 0).contiguous()
+    out = cpu_kernels.quantized_depthwise_conv(x, x_zero_point, kernel_weight, bias, out_scale, out_zero_point)
+    assert out.dtype == torch.uint8 and out.is_contiguous(memory_format=torch.channels_last)
+    steps = (out.int() - reference.int()).abs()
+    assert steps.max() <= 1 and steps.float().mean() < 1e-3  # one step where fp32 sums round the other way
+    assert 0 < (reference == 0).sum() and 0 < (reference == 255).sum()  # both clamps were exercised
+
+
+@needs_depthwise
+def test_int8_backbone_runs_its_series_activations_on_the_kernel(monkeypatch):
+    from mmdet_vanillanet.precision import int8 as int8_module
+    net = fused_backbone()
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randn(1, 3, 64, 96, generator=generator) for _ in range(3)]
+    net.out_indices = (2,)
+    on_kernel = int8_module.quantize_vanillanet(net, calibration_inputs=images)
+    # the stem's activation and those of blocks 0 and 1; block 2's output is returned in fp32, so oneDNN keeps it
+    assert on_kernel.depthwise_on_kernel == 3
+    kernel_calls = [node for node in on_kernel.quantized.graph.nodes
+                    if node.target == torch.ops.mmdet_vanillanet.quantized_depthwise_conv_nhwc.default]
+    assert len(kernel_calls) == 3
+    monkeypatch.setattr(int8_module, 'put_depthwise_on_kernel', lambda graph_module: 0)
+    on_onednn = int8_module.quantize_vanillanet(net, calibration=on_kernel.calibration)
+    x = torch.randn(1, 3, 96, 64, generator=generator)
+    with torch.no_grad():
+        fp32, kernel_outs, onednn_outs = net(x), on_kernel(x), on_onednn(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            mixed = on_kernel(x)  # int8-mixed-bf16
+    # the same quantized network: apart where a sum rounds to the neighbouring step, and what that carries
+    assert relative_deviation(onednn_outs, kernel_outs)['max_rel'] < 5e-2
+    assert relative_deviation(fp32, kernel_outs)['max_rel'] < 0.15
+    assert all(out.dtype == torch.bfloat16 for out in mixed)
+    assert relative_deviation(fp32, [out.float() for out in mixed])['max_rel'] < 0.15

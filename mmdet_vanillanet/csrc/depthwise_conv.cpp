@@ -1,5 +1,6 @@
 // The series activation's depthwise conv (KxK, stride 1, zero padding K/2, one filter per channel) on
-// channels-last CPU maps, for the fused VanillaNet's inference: bf16 or fp32 in and out, fp32 arithmetic.
+// channels-last CPU maps, for the fused VanillaNet's inference: bf16, fp32 or (int8 backbones) uint8 in and out,
+// fp32 arithmetic.
 //
 // oneDNN runs VanillaNet's 9x9 depthwise convs at 60-110 GFLOP/s in bf16 on an AMX Xeon, a third of the fp32
 // FMA rate, and they take half of the bf16 backbone's time. This kernel keeps K rows of a group of channels
@@ -35,14 +36,39 @@ bool cpu_supported() {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 
-inline __m512 load(const uint16_t* p, __mmask16 m) {  // bf16 -> fp32 is exact: the bits move up by 16
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline void store(uint16_t* p, __m512 v, __mmask16 m) {  // round to nearest even, as torch rounds to bf16
-  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+// How a map's elements become the kernel's fp32 values and go back. bf16 -> fp32 is exact (the bits move up by 16);
+// fp32 -> bf16 rounds to nearest even, as torch does.
+struct Bf16 {
+  using Element = uint16_t;
+  __m512 load(const Element* p, __mmask16 m) const {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+  void store(Element* p, __m512 v, __mmask16 m) const {
+    _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+};
+
+struct Fp32 {
+  using Element = float;
+  __m512 load(const Element* p, __mmask16 m) const { return _mm512_maskz_loadu_ps(m, p); }
+  void store(Element* p, __m512 v, __mmask16 m) const { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+// uint8 maps of PT2E's per-tensor quantization: in, q - zero_point (the weights carry the input's scale); out,
+// clamp(round_half_even(v / scale) + zero_point, 0, 255), as quantize_per_tensor computes it.
+struct Uint8 {
+  using Element = uint8_t;
+  __m512 in_zero_point, out_inverse_scale;
+  __m512i out_zero_point;
+  __m512 load(const Element* p, __mmask16 m) const {
+    return _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p))), in_zero_point);
+  }
+  void store(Element* p, __m512 v, __mmask16 m) const {
+    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, out_inverse_scale)), out_zero_point);
+    q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+    _mm512_mask_cvtepi32_storeu_epi8(p, m, q);
+  }
+};
 
 inline __mmask16 lane_mask(int c, int channels) {
   return channels - c >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (channels - c)) - 1);
@@ -50,9 +76,9 @@ inline __mmask16 lane_mask(int c, int channels) {
 
 // Output pixels start ... start + count - 1 (count <= kTile) of one row and one channel vector, from the K ring
 // rows that feed that row (`kLanes` floats per pixel, column 0 is K/2 columns left of the row's first output).
-template <int K, typename T>
-void output_tile(const float* const* rows, const float* weight, const float* bias, T* out, int start, int count,
-                 int channels, int c, __mmask16 m) {
+template <int K, typename Codec>
+void output_tile(const float* const* rows, const float* weight, const float* bias, typename Codec::Element* out,
+                 int start, int count, int channels, int c, __mmask16 m, const Codec& codec) {
   const __m512 b = _mm512_maskz_loadu_ps(m, bias + c);
   __m512 acc[kTile];
 #pragma GCC unroll 16
@@ -72,17 +98,17 @@ void output_tile(const float* const* rows, const float* weight, const float* bia
       }
     }
   }
-  T* o = out + int64_t(start) * channels + c;
-  for (int r = 0; r < count; ++r) store(o + int64_t(r) * channels, acc[r], m);
+  typename Codec::Element* o = out + int64_t(start) * channels + c;
+  for (int r = 0; r < count; ++r) codec.store(o + int64_t(r) * channels, acc[r], m);
 }
 
 // The whole conv. A task is (image, group of channel vectors, strip of columns, band of output rows). Its ring
 // holds the K input rows that the current output row reads, over the strip and K/2 columns either side, converted
 // to fp32 with zeros outside the image: slot = input row mod K, then [vector][column][lane]. Filling it reads
 // whole pixels of the group (512 contiguous bytes in bf16), which the hardware prefetchers follow.
-template <int K, typename T>
-void depthwise(const T* x, const float* weight, const float* bias, T* y, int64_t batch, int height, int width,
-               int channels) {
+template <int K, typename Codec>
+void depthwise(const typename Codec::Element* x, const float* weight, const float* bias, typename Codec::Element* y,
+               int64_t batch, int height, int width, int channels, const Codec& codec) {
   constexpr int P = K / 2;
   const int vectors = (channels + kLanes - 1) / kLanes;
   const int groups = (vectors + kGroupVectors - 1) / kGroupVectors;
@@ -114,16 +140,16 @@ void depthwise(const T* x, const float* weight, const float* bias, T* y, int64_t
             for (int v = v0; v < v1; ++v) _mm512_store_ps(dst + (v - v0) * vector_row, _mm512_setzero_ps());
             continue;
           }
-          const T* src = x + image + (int64_t(input_row) * width + w) * channels;
+          const auto* src = x + image + (int64_t(input_row) * width + w) * channels;
           for (int v = v0; v < v1; ++v)
-            _mm512_store_ps(dst + (v - v0) * vector_row, load(src + v * kLanes, lane_mask(v * kLanes, channels)));
+            _mm512_store_ps(dst + (v - v0) * vector_row, codec.load(src + v * kLanes, lane_mask(v * kLanes, channels)));
         }
       };
       const int h0 = band * kRowsPerTask, h1 = std::min(height, h0 + kRowsPerTask);
       for (int input_row = h0 - P; input_row < h0 + P; ++input_row) fill(input_row);
       for (int h = h0; h < h1; ++h) {
         fill(h + P);
-        T* out = y + image + (int64_t(h) * width + s0) * channels;
+        auto* out = y + image + (int64_t(h) * width + s0) * channels;
         const float* rows[K];
         for (int i = 0; i < K; ++i) rows[i] = ring + ((h + i - P + K) % K) * slot_floats;
         // tiles outer, vectors inner: a tile's pixels are written whole (the group's channels) before the next
@@ -134,7 +160,7 @@ void depthwise(const T* x, const float* weight, const float* bias, T* y, int64_t
             const float* vector_rows[K];
             for (int i = 0; i < K; ++i) vector_rows[i] = rows[i] + (v - v0) * vector_row;
             output_tile<K>(vector_rows, weight, bias, out, start, count, channels, v * kLanes,
-                           lane_mask(v * kLanes, channels));
+                           lane_mask(v * kLanes, channels), codec);
           }
         }
       }
@@ -142,34 +168,38 @@ void depthwise(const T* x, const float* weight, const float* bias, T* y, int64_t
   });
 }
 
+Uint8 make_uint8_codec(int64_t in_zero_point, double out_scale, int64_t out_zero_point) {
+  return Uint8{_mm512_set1_ps(float(in_zero_point)), _mm512_set1_ps(float(1.0 / out_scale)),
+               _mm512_set1_epi32(int(out_zero_point))};
+}
+
 #pragma GCC pop_options
 
-template <typename T>
-void dispatch_kernel_size(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y) {
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  T* yp = reinterpret_cast<T*>(y.data_ptr());
+template <typename Codec>
+void dispatch_kernel_size(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y,
+                          const Codec& codec) {
+  using Element = typename Codec::Element;
+  const auto* xp = reinterpret_cast<const Element*>(x.data_ptr());
+  auto* yp = reinterpret_cast<Element*>(y.data_ptr());
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   const int64_t n = x.size(0);
   const int c = int(x.size(1)), h = int(x.size(2)), w = int(x.size(3));
   switch (weight.size(0)) {
-    case 3: depthwise<3>(xp, wp, bp, yp, n, h, w, c); break;
-    case 5: depthwise<5>(xp, wp, bp, yp, n, h, w, c); break;
-    case 7: depthwise<7>(xp, wp, bp, yp, n, h, w, c); break;
-    case 9: depthwise<9>(xp, wp, bp, yp, n, h, w, c); break;
-    case 11: depthwise<11>(xp, wp, bp, yp, n, h, w, c); break;
-    case 13: depthwise<13>(xp, wp, bp, yp, n, h, w, c); break;
+    case 3: depthwise<3>(xp, wp, bp, yp, n, h, w, c, codec); break;
+    case 5: depthwise<5>(xp, wp, bp, yp, n, h, w, c, codec); break;
+    case 7: depthwise<7>(xp, wp, bp, yp, n, h, w, c, codec); break;
+    case 9: depthwise<9>(xp, wp, bp, yp, n, h, w, c, codec); break;
+    case 11: depthwise<11>(xp, wp, bp, yp, n, h, w, c, codec); break;
+    case 13: depthwise<13>(xp, wp, bp, yp, n, h, w, c, codec); break;
     default: TORCH_CHECK(false, "depthwise_conv_nhwc: kernel size ", weight.size(0), " is not one of 3, 5, ..., 13");
   }
 }
 
-at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+void check_arguments(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(cpu_supported(), "depthwise_conv_nhwc needs a CPU with AVX-512 (F, BW, VL) and AVX512_BF16");
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "depthwise_conv_nhwc: x must be a 4-D channels-last CPU tensor, got sizes ", x.sizes(), " strides ",
-              x.strides());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "depthwise_conv_nhwc: x must be bf16 or fp32, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "depthwise_conv_nhwc: x must be a 4-D CPU tensor, got sizes ",
+              x.sizes());
   const int64_t c = x.size(1);
   TORCH_CHECK(x.numel() < (int64_t(1) << 31) && c > 0, "depthwise_conv_nhwc: x has ", x.numel(), " elements");
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == weight.size(1) && weight.size(2) == c &&
@@ -178,13 +208,37 @@ at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, co
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == c && bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
                   bias.device().is_cpu(),
               "depthwise_conv_nhwc: bias must be contiguous fp32 (C,) with C = ", c, ", got ", bias.sizes());
+}
+
+at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  check_arguments(x, weight, bias);
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "depthwise_conv_nhwc: x must be channels-last contiguous, got strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "depthwise_conv_nhwc: x must be bf16 or fp32, got ", x.scalar_type());
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   if (x.numel() == 0) return y;
   if (x.scalar_type() == at::kBFloat16) {
-    dispatch_kernel_size<uint16_t>(x, weight, bias, y);
+    dispatch_kernel_size(x, weight, bias, y, Bf16{});
   } else {
-    dispatch_kernel_size<float>(x, weight, bias, y);
+    dispatch_kernel_size(x, weight, bias, y, Fp32{});
   }
+  return y;
+}
+
+// The same conv between uint8 maps quantized per tensor: `weight` holds the dequantized weights times the input's
+// scale, so that a sum over (q - x_zero_point) * weight is the fp32 conv of the dequantized input.
+at::Tensor quantized_depthwise_conv_nhwc(const at::Tensor& x, int64_t x_zero_point, const at::Tensor& weight,
+                                         const at::Tensor& bias, double out_scale, int64_t out_zero_point) {
+  check_arguments(x, weight, bias);
+  TORCH_CHECK(x.scalar_type() == at::kByte, "quantized_depthwise_conv_nhwc: x must be uint8, got ", x.scalar_type());
+  TORCH_CHECK(out_scale > 0 && 0 <= x_zero_point && x_zero_point <= 255 && 0 <= out_zero_point &&
+                  out_zero_point <= 255,
+              "quantized_depthwise_conv_nhwc: scales must be > 0 and zero points in [0, 255]");
+  const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y = at::empty_like(input, at::MemoryFormat::ChannelsLast);
+  if (x.numel() == 0) return y;
+  dispatch_kernel_size(input, weight, bias, y, make_uint8_codec(x_zero_point, out_scale, out_zero_point));
   return y;
 }
 
@@ -194,7 +248,13 @@ bool depthwise_conv_nhwc_supported() { return cpu_supported(); }
 
 TORCH_LIBRARY_FRAGMENT(mmdet_vanillanet, m) {
   m.def("depthwise_conv_nhwc(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def(
+      "quantized_depthwise_conv_nhwc(Tensor x, int x_zero_point, Tensor weight, Tensor bias, float out_scale, "
+      "int out_zero_point) -> Tensor");
   m.def("depthwise_conv_nhwc_supported() -> bool", &depthwise_conv_nhwc_supported);
 }
 
-TORCH_LIBRARY_IMPL(mmdet_vanillanet, CPU, m) { m.impl("depthwise_conv_nhwc", &depthwise_conv_nhwc); }
+TORCH_LIBRARY_IMPL(mmdet_vanillanet, CPU, m) {
+  m.impl("depthwise_conv_nhwc", &depthwise_conv_nhwc);
+  m.impl("quantized_depthwise_conv_nhwc", &quantized_depthwise_conv_nhwc);
+}

@@ -43,10 +43,22 @@ def load_from(folder):
     return True
 
 
+def _register_shapes():
+    """What each op returns, for tracing (``torch.compile`` of the int8 backbone calls the quantized kernel)."""
+    for name in ('depthwise_conv_nhwc', 'quantized_depthwise_conv_nhwc'):
+        torch.library.register_fake(f'mmdet_vanillanet::{name}')(
+            lambda x, *args: torch.empty_like(x, memory_format=torch.channels_last))
+    torch.library.register_fake('mmdet_vanillanet::channels_last_to_nchw')(lambda x: torch.empty_like(
+        x, memory_format=torch.contiguous_format))
+
+
 @functools.lru_cache(maxsize=None)
 def loaded():
     """Whether the package's compiled kernels are loaded into this process; loads them on the first call."""
-    return hasattr(torch.ops.mmdet_vanillanet, 'depthwise_conv_nhwc') or load_from(pathlib.Path(__file__).parents[1])
+    if not load_from(pathlib.Path(__file__).parents[1]):
+        return False
+    _register_shapes()
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +94,23 @@ def depthwise_conv(x, weight, bias):
         bias (Tensor): (C,) fp32.
     """
     return torch.ops.mmdet_vanillanet.depthwise_conv_nhwc(x, weight, bias)
+
+
+def quantized_depthwise_conv(x, x_zero_point, weight, bias, out_scale, out_zero_point):
+    """The depthwise conv between uint8 maps quantized per tensor (PT2E's activations), in fp32 inside.
+
+    Computes ``clamp(round(conv(x - x_zero_point) / out_scale) + out_zero_point, 0, 255)``.
+
+    Args:
+        x (Tensor): (N, C, H, W) uint8 (made channels-last if it is not).
+        x_zero_point (int): the input's zero point.
+        weight (Tensor): (K, K, C) fp32: the dequantized weights times the input's scale.
+        bias (Tensor): (C,) fp32.
+        out_scale (float): the output's scale.
+        out_zero_point (int): the output's zero point.
+    """
+    return torch.ops.mmdet_vanillanet.quantized_depthwise_conv_nhwc(x, x_zero_point, weight, bias, out_scale,
+                                                                     out_zero_point)
 
 
 def contiguous(x):

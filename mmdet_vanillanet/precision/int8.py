@@ -23,6 +23,7 @@ from mmengine.model import is_model_wrapper
 
 from ..checkpoint.safe_load import read_checkpoint
 from ..models import VanillaNet
+from .int8_depthwise import put_depthwise_on_kernel
 
 CALIBRATION_FORMAT = 'mmdet_vanillanet/int8-calibration/v1'
 
@@ -158,7 +159,9 @@ def quantize_vanillanet(net, calibration_inputs=None, calibration=None):
                              f'backbone is {actual}. Calibrate again with tools/quantize.py.')
     quantized, observers = quantize_pt2e(fused, fused.min_input_size, calibration_inputs,
                                          calibration and calibration['observers'], fused.in_channels)
-    return Int8VanillaNet(quantized, fused, observers)
+    int8 = Int8VanillaNet(quantized, fused, observers)
+    int8.depthwise_on_kernel = put_depthwise_on_kernel(quantized)
+    return int8
 
 
 def _checked_input(stride, x):
@@ -214,6 +217,9 @@ class Int8VanillaNet(Int8Backbone):
         source (VanillaNet): the fused backbone it was made from (its description is kept, not its weights).
         observers (dict[str, Tensor]): the calibration statistics; ``calibration`` holds them with
             :func:`describe` of the source (what :func:`save_calibration` writes).
+
+    ``depthwise_on_kernel`` counts the series activations that :func:`quantize_vanillanet` put on the project's
+    depthwise kernel (:mod:`.int8_depthwise`); 0 where it does not run, and they stay oneDNN int8 convs.
     """
 
     def __init__(self, quantized, source, observers):
@@ -221,6 +227,7 @@ class Int8VanillaNet(Int8Backbone):
         self.calibration = dict(describe(source), observers=observers)
         self.out_indices, self.in_channels = source.out_indices, source.in_channels
         self.out_channels, self.out_strides = source.out_channels, source.out_strides
+        self.depthwise_on_kernel = 0
 
 
 def replace_with_int8(detector, calibration):
