@@ -13,7 +13,7 @@ MAX_JOBS ?= $(shell nproc)
 TEST_JOBS ?= 2
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
-REQS := $(CONSTRAINTS) requirements/build.txt requirements/runtime.txt requirements/tests.txt requirements/extras.txt setup.py $(wildcard mmdet_vanillanet/csrc/*.cpp)
+REQS := $(CONSTRAINTS) requirements/build.txt requirements/runtime.txt requirements/tests.txt requirements/extras.txt setup.py $(wildcard mmdet_vanillanet/csrc/*.cpp mmdet_vanillanet/csrc/*.h)
 
 .PHONY: install demo demo-mask test test-slow bench lint clean
 

@@ -13,6 +13,7 @@ except ImportError:
 CPU_KERNELS = CppExtension(
     'mmdet_vanillanet._cpu_kernels',
     ['mmdet_vanillanet/csrc/depthwise_conv.cpp', 'mmdet_vanillanet/csrc/nchw_copy.cpp'],
+    depends=['mmdet_vanillanet/csrc/huge_page_output.h'],
     extra_compile_args=['-O3', '-fopenmp'], extra_link_args=['-fopenmp'])
 
 setup(

@@ -56,6 +56,26 @@ def test_depthwise_kernel_equals_conv2d(n, c, h, w, k):
 
 
 @needs_depthwise
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize('n, c, h, w, k', [(1, 40, 14, 38, 9), (2, 512, 6, 480, 9), (1, 16, 9, 7, 5), (1, 24, 3, 5, 3)])
+def test_depthwise_kernel_takes_the_2x2_max_pool_on_the_way_in(n, c, h, w, k, dtype):
+    x = channels_last(n, c, h, w, dtype=dtype)
+    x[0, 1, 0, 1] = float('nan')  # pools to (0, 0): NaN propagates as in F.max_pool2d
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = (torch.randn(c, 1, k, k, generator=generator) / k).to(dtype), torch.randn(c).to(dtype)
+    out = cpu_kernels.depthwise_conv(x, *cpu_kernels.depthwise_weights(weight, bias, dtype), pool=2)
+    pooled = F.max_pool2d(x.float(), 2)  # odd sides floored
+    reference = F.conv2d(pooled, weight.float(), bias.float(), padding=k // 2, groups=c)
+    assert out.shape == reference.shape
+    assert torch.equal(out.isnan(), reference.isnan()) and out.isnan().any()
+    finite = ~reference.isnan()
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    rtol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float()[finite], reference[finite], rtol=rtol,
+                               atol=1e-5 * float(reference[finite].abs().max()))
+
+
+@needs_depthwise
 def test_depthwise_kernel_runs_fp32_maps_in_fp32():
     _, out, reference = depthwise_case(2, 40, 10, 19, 9, dtype=torch.float32)
     assert_same_up_to_rounding(out, reference, torch.float32)
@@ -86,6 +106,10 @@ def test_depthwise_kernel_refuses_what_it_cannot_compute():
     even = cpu_kernels.depthwise_weights(torch.randn(16, 1, 4, 4), torch.randn(16), torch.bfloat16)
     with pytest.raises(RuntimeError, match='kernel size 4'):
         cpu_kernels.depthwise_conv(channels_last(1, 16, 8, 8), *even)
+    empty = cpu_kernels.depthwise_conv(channels_last(1, 16, 1, 8), *weights, pool=2)  # as F.max_pool2d: no rows
+    assert empty.shape == (1, 16, 0, 4)
+    with pytest.raises(RuntimeError, match='pool must be 1'):
+        cpu_kernels.depthwise_conv(channels_last(1, 16, 8, 8), *weights, pool=3)
 
 
 @pytest.mark.skipif(not cpu_kernels.loaded(), reason='the compiled kernels are not built')

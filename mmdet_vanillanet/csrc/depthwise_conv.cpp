@@ -15,6 +15,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "huge_page_output.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -24,6 +26,7 @@ namespace {
 
 constexpr int kLanes = 16;       // fp32 lanes of a zmm register: channels per vector
 constexpr int kTile = 16;        // output pixels per register tile
+constexpr int kTilesPerVector = 4;
 constexpr int kRowsPerTask = 32; // output rows one task computes, refilling the ring K-1 rows at its start
 constexpr int kGroupVectors = 16;  // channel vectors per task, at most: 512 contiguous bytes of a bf16 pixel
 constexpr int64_t kRingBytes = int64_t(1) << 20;  // the ring's budget: half of one core's L2 on current Xeons
@@ -102,14 +105,22 @@ void output_tile(const float* const* rows, const float* weight, const float* bia
   for (int r = 0; r < count; ++r) codec.store(o + int64_t(r) * channels, acc[r], m);
 }
 
-// The whole conv. A task is (image, group of channel vectors, strip of columns, band of output rows). Its ring
-// holds the K input rows that the current output row reads, over the strip and K/2 columns either side, converted
-// to fp32 with zeros outside the image: slot = input row mod K, then [vector][column][lane]. Filling it reads
-// whole pixels of the group (512 contiguous bytes in bf16), which the hardware prefetchers follow.
+// NaN-propagating maximum, as torch's max pool computes it (vmaxps returns its second operand for a NaN).
+inline __m512 max_with_nan(__m512 a, __m512 b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_max_ps(a, b), a);
+}
+
+// The whole conv, optionally of the 2x2 max pool (stride 2, floor) of `x` (pool = 2: `x` is (in_height, in_width),
+// the conv's map (height, width) = (in_height / 2, in_width / 2)). A task is (image, group of channel vectors,
+// strip of columns, band of output rows). Its ring holds the K rows of the conv's input that the current output
+// row reads, over the strip and K/2 columns either side, in fp32 with zeros outside the map: slot = row mod K,
+// then [vector][column][lane]. Filling it reads whole pixels of the group (512 contiguous bytes in bf16), which
+// the hardware prefetchers follow, and takes the pool's maxima on the way.
 template <int K, typename Codec>
 void depthwise(const typename Codec::Element* x, const float* weight, const float* bias, typename Codec::Element* y,
-               int64_t batch, int height, int width, int channels, const Codec& codec) {
+               int64_t batch, int in_height, int in_width, int channels, int pool, const Codec& codec) {
   constexpr int P = K / 2;
+  const int height = in_height / pool, width = in_width / pool;
   const int vectors = (channels + kLanes - 1) / kLanes;
   const int groups = (vectors + kGroupVectors - 1) / kGroupVectors;
   const int group = (vectors + groups - 1) / groups;
@@ -120,6 +131,7 @@ void depthwise(const typename Codec::Element* x, const float* weight, const floa
   const int ring_columns = std::max(strip, kTile) + 2 * P;
   const int64_t vector_row = int64_t(ring_columns) * kLanes;  // floats
   const int64_t slot_floats = group * vector_row;
+  const int64_t pixel_step = channels, row_step = int64_t(in_width) * channels;  // in x
   at::parallel_for(0, batch * groups * strips * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> storage(K * slot_floats + kLanes);
     float* ring = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
@@ -128,11 +140,12 @@ void depthwise(const typename Codec::Element* x, const float* weight, const floa
       const int s0 = int(task / bands % strips) * strip;
       const int v0 = int(task / bands / strips % groups) * group;
       const int v1 = std::min(vectors, v0 + group);
-      const int64_t image = task / bands / strips / groups * int64_t(height) * width * channels;
+      const int64_t n = task / bands / strips / groups;
+      const auto* image = x + n * in_height * row_step;
       const int columns = std::min(strip, width - s0);
-      auto fill = [&](int input_row) {
-        float* slot = ring + ((input_row % K + K) % K) * slot_floats;
-        const bool inside = input_row >= 0 && input_row < height;
+      auto fill = [&](int row) {
+        float* slot = ring + ((row % K + K) % K) * slot_floats;
+        const bool inside = row >= 0 && row < height;
         for (int col = 0; col < ring_columns; ++col) {
           const int w = s0 - P + col;
           float* dst = slot + col * kLanes;
@@ -140,27 +153,38 @@ void depthwise(const typename Codec::Element* x, const float* weight, const floa
             for (int v = v0; v < v1; ++v) _mm512_store_ps(dst + (v - v0) * vector_row, _mm512_setzero_ps());
             continue;
           }
-          const auto* src = x + image + (int64_t(input_row) * width + w) * channels;
-          for (int v = v0; v < v1; ++v)
-            _mm512_store_ps(dst + (v - v0) * vector_row, codec.load(src + v * kLanes, lane_mask(v * kLanes, channels)));
+          const auto* src = image + int64_t(row) * pool * row_step + int64_t(w) * pool * pixel_step;
+          for (int v = v0; v < v1; ++v) {
+            const __mmask16 m = lane_mask(v * kLanes, channels);
+            const auto* p = src + v * kLanes;
+            __m512 value = codec.load(p, m);
+            if (pool == 2) {
+              value = max_with_nan(max_with_nan(value, codec.load(p + pixel_step, m)),
+                                   max_with_nan(codec.load(p + row_step, m), codec.load(p + row_step + pixel_step, m)));
+            }
+            _mm512_store_ps(dst + (v - v0) * vector_row, value);
+          }
         }
       };
       const int h0 = band * kRowsPerTask, h1 = std::min(height, h0 + kRowsPerTask);
       for (int input_row = h0 - P; input_row < h0 + P; ++input_row) fill(input_row);
       for (int h = h0; h < h1; ++h) {
         fill(h + P);
-        auto* out = y + image + (int64_t(h) * width + s0) * channels;
+        auto* out = y + ((n * height + h) * width + s0) * channels;
         const float* rows[K];
         for (int i = 0; i < K; ++i) rows[i] = ring + ((h + i - P + K) % K) * slot_floats;
-        // tiles outer, vectors inner: a tile's pixels are written whole (the group's channels) before the next
-        for (int t = 0; t < columns; t += kTile) {
-          const int start = columns >= kTile ? std::min(t, columns - kTile) : 0;  // the last tile overlaps
-          const int count = std::min(kTile, columns - start);
+        // kTilesPerVector tiles of a vector, then the next vector: the tiles' pixels are written whole (the
+        // group's channels) before the next tiles, and a vector's weights are read from L1 after its first tile
+        for (int t0 = 0; t0 < columns; t0 += kTilesPerVector * kTile) {
           for (int v = v0; v < v1; ++v) {
             const float* vector_rows[K];
             for (int i = 0; i < K; ++i) vector_rows[i] = rows[i] + (v - v0) * vector_row;
-            output_tile<K>(vector_rows, weight, bias, out, start, count, channels, v * kLanes,
-                           lane_mask(v * kLanes, channels), codec);
+            for (int t = t0; t < std::min(columns, t0 + kTilesPerVector * kTile); t += kTile) {
+              const int start = columns >= kTile ? std::min(t, columns - kTile) : 0;  // the last tile overlaps
+              const int count = std::min(kTile, columns - start);
+              output_tile<K>(vector_rows, weight, bias, out, start, count, channels, v * kLanes,
+                             lane_mask(v * kLanes, channels), codec);
+            }
           }
         }
       }
@@ -177,7 +201,7 @@ Uint8 make_uint8_codec(int64_t in_zero_point, double out_scale, int64_t out_zero
 
 template <typename Codec>
 void dispatch_kernel_size(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y,
-                          const Codec& codec) {
+                          int pool, const Codec& codec) {
   using Element = typename Codec::Element;
   const auto* xp = reinterpret_cast<const Element*>(x.data_ptr());
   auto* yp = reinterpret_cast<Element*>(y.data_ptr());
@@ -186,12 +210,12 @@ void dispatch_kernel_size(const at::Tensor& x, const at::Tensor& weight, const a
   const int64_t n = x.size(0);
   const int c = int(x.size(1)), h = int(x.size(2)), w = int(x.size(3));
   switch (weight.size(0)) {
-    case 3: depthwise<3>(xp, wp, bp, yp, n, h, w, c, codec); break;
-    case 5: depthwise<5>(xp, wp, bp, yp, n, h, w, c, codec); break;
-    case 7: depthwise<7>(xp, wp, bp, yp, n, h, w, c, codec); break;
-    case 9: depthwise<9>(xp, wp, bp, yp, n, h, w, c, codec); break;
-    case 11: depthwise<11>(xp, wp, bp, yp, n, h, w, c, codec); break;
-    case 13: depthwise<13>(xp, wp, bp, yp, n, h, w, c, codec); break;
+    case 3: depthwise<3>(xp, wp, bp, yp, n, h, w, c, pool, codec); break;
+    case 5: depthwise<5>(xp, wp, bp, yp, n, h, w, c, pool, codec); break;
+    case 7: depthwise<7>(xp, wp, bp, yp, n, h, w, c, pool, codec); break;
+    case 9: depthwise<9>(xp, wp, bp, yp, n, h, w, c, pool, codec); break;
+    case 11: depthwise<11>(xp, wp, bp, yp, n, h, w, c, pool, codec); break;
+    case 13: depthwise<13>(xp, wp, bp, yp, n, h, w, c, pool, codec); break;
     default: TORCH_CHECK(false, "depthwise_conv_nhwc: kernel size ", weight.size(0), " is not one of 3, 5, ..., 13");
   }
 }
@@ -210,18 +234,21 @@ void check_arguments(const at::Tensor& x, const at::Tensor& weight, const at::Te
               "depthwise_conv_nhwc: bias must be contiguous fp32 (C,) with C = ", c, ", got ", bias.sizes());
 }
 
-at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+// `pool` = 2: the conv of F.max_pool2d(x, 2) (floor), without the pooled map in memory.
+at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t pool) {
   check_arguments(x, weight, bias);
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "depthwise_conv_nhwc: x must be channels-last contiguous, got strides ", x.strides());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "depthwise_conv_nhwc: x must be bf16 or fp32, got ", x.scalar_type());
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  if (x.numel() == 0) return y;
+  TORCH_CHECK(pool == 1 || pool == 2, "depthwise_conv_nhwc: pool must be 1 (none) or 2 (2x2 max pool), got ", pool);
+  at::Tensor y = mmdet_vanillanet::empty_output({x.size(0), x.size(1), x.size(2) / pool, x.size(3) / pool}, x.options(),
+                                                at::MemoryFormat::ChannelsLast);
+  if (y.numel() == 0) return y;
   if (x.scalar_type() == at::kBFloat16) {
-    dispatch_kernel_size(x, weight, bias, y, Bf16{});
+    dispatch_kernel_size(x, weight, bias, y, int(pool), Bf16{});
   } else {
-    dispatch_kernel_size(x, weight, bias, y, Fp32{});
+    dispatch_kernel_size(x, weight, bias, y, int(pool), Fp32{});
   }
   return y;
 }
@@ -236,9 +263,9 @@ at::Tensor quantized_depthwise_conv_nhwc(const at::Tensor& x, int64_t x_zero_poi
                   out_zero_point <= 255,
               "quantized_depthwise_conv_nhwc: scales must be > 0 and zero points in [0, 255]");
   const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor y = at::empty_like(input, at::MemoryFormat::ChannelsLast);
+  at::Tensor y = mmdet_vanillanet::empty_output(input.sizes(), input.options(), at::MemoryFormat::ChannelsLast);
   if (x.numel() == 0) return y;
-  dispatch_kernel_size(input, weight, bias, y, make_uint8_codec(x_zero_point, out_scale, out_zero_point));
+  dispatch_kernel_size(input, weight, bias, y, 1, make_uint8_codec(x_zero_point, out_scale, out_zero_point));
   return y;
 }
 
@@ -247,7 +274,7 @@ bool depthwise_conv_nhwc_supported() { return cpu_supported(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmdet_vanillanet, m) {
-  m.def("depthwise_conv_nhwc(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("depthwise_conv_nhwc(Tensor x, Tensor weight, Tensor bias, int pool=1) -> Tensor");
   m.def(
       "quantized_depthwise_conv_nhwc(Tensor x, int x_zero_point, Tensor weight, Tensor bias, float out_scale, "
       "int out_zero_point) -> Tensor");

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "huge_page_output.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -33,7 +35,7 @@ at::Tensor channels_last_to_nchw(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "channels_last_to_nchw: x must be a 4-D channels-last CPU tensor, got sizes ", x.sizes(), " strides ",
               x.strides());
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = mmdet_vanillanet::empty_output(x.sizes(), x.options(), at::MemoryFormat::Contiguous);
   const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
   switch (x.element_size()) {
     case 2:

@@ -130,7 +130,10 @@ class _Blocked:
         return _conv(x, weight, bias, conv, relu)
 
     @staticmethod
-    def depthwise(x, weight, bias, act):
+    def pool_depthwise(x, pool, weight, bias, act):
+        """The series activation ``act`` of ``x``, max-pooled first by ``pool`` (an int, or None for none)."""
+        if pool:
+            x = _Blocked.max_pool(x, pool)
         return _depthwise(x, weight, bias, act)
 
 
@@ -156,9 +159,13 @@ class _ChannelsLast:
         return _pointwise_rows(x, weight, bias, relu)
 
     @staticmethod
-    def depthwise(x, weight, bias, act):
-        if _uses_kernel(x.dtype, act):
-            return cpu_kernels.depthwise_conv(x, weight, bias)
+    def pool_depthwise(x, pool, weight, bias, act):
+        """The series activation ``act`` of ``x``, max-pooled first by ``pool`` (an int, or None for none); the
+        project's kernel takes a 2x2 pool's maxima as it reads its input."""
+        if _uses_kernel(x.dtype, act) and pool in (None, 2):
+            return cpu_kernels.depthwise_conv(x, weight, bias, pool or 1)
+        if pool:
+            x = _ChannelsLast.max_pool(x, pool)
         return _depthwise(x, weight, bias, act)
 
 
@@ -184,13 +191,12 @@ def fused_forward(net, x, dtype=torch.float32, channels_last_outputs=False):
     weights = iter(weights_in(net, dtype))
     x = layout.enter(x.to(dtype))
     x = _conv(x, next(weights), next(weights), net.stem[0], relu=True)
-    x = layout.depthwise(x, next(weights), next(weights), net.stem[1])
+    x = layout.pool_depthwise(x, None, next(weights), next(weights), net.stem[1])
     outs = []
     for i, block in enumerate(net.stages):
         x = layout.pointwise(x, next(weights), next(weights), block.conv, relu=True)
-        if isinstance(block.pool, nn.MaxPool2d):
-            x = layout.max_pool(x, int(block.pool.kernel_size))
-        x = layout.depthwise(x, next(weights), next(weights), block.act)
+        pool = int(block.pool.kernel_size) if isinstance(block.pool, nn.MaxPool2d) else None
+        x = layout.pool_depthwise(x, pool, next(weights), next(weights), block.act)
         if i in net.out_indices:
             outs.append(leave(x))
     return tuple(outs)
