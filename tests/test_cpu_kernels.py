@@ -140,9 +140,9 @@ def test_missing_or_broken_kernels_warn_and_report_false(tmp_path):
 
 # ---- the fused backbone on the kernels ----------------------------------------------------------------
 
-def fused_backbone():
+def fused_backbone(strides=(2, 2, 1)):
     torch.manual_seed(0)
-    net = VanillaNet(arch=dict(dims=[32, 48, 64, 64], strides=[2, 2, 1]), act_num=4, out_indices=(0, 1, 2))
+    net = VanillaNet(arch=dict(dims=[32, 48, 64, 64], strides=list(strides)), act_num=4, out_indices=(0, 1, 2))
     for module in net.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
@@ -150,8 +150,9 @@ def fused_backbone():
 
 
 @needs_depthwise
-def test_bf16_backbone_runs_its_series_activations_on_the_kernel(monkeypatch):
-    net = fused_backbone()
+@pytest.mark.parametrize('strides', [(2, 2, 1), (4, 1, 1)])  # the published 2x2 pools; a custom arch's 4x4 one
+def test_bf16_backbone_runs_its_series_activations_on_the_kernel(monkeypatch, strides):
+    net = fused_backbone(strides)
     x = torch.randn(2, 3, 96, 128)
     calls = []
     kernel = cpu_kernels.depthwise_conv

@@ -1,6 +1,6 @@
 // The series activation's depthwise conv (KxK, stride 1, zero padding K/2, one filter per channel) on
 // channels-last CPU maps, for the fused VanillaNet's inference: bf16, fp32 or (int8 backbones) uint8 in and out,
-// fp32 arithmetic.
+// fp32 arithmetic, optionally of the block's 2x2 max pool (taken while reading the input).
 //
 // oneDNN runs VanillaNet's 9x9 depthwise convs at 60-110 GFLOP/s in bf16 on an AMX Xeon, a third of the fp32
 // FMA rate, and they take half of the bf16 backbone's time. This kernel keeps K rows of a group of channels
@@ -26,7 +26,7 @@ namespace {
 
 constexpr int kLanes = 16;       // fp32 lanes of a zmm register: channels per vector
 constexpr int kTile = 16;        // output pixels per register tile
-constexpr int kTilesPerVector = 4;
+constexpr int kTilesPerVector = 4; // tiles of one channel vector in a row, before the next vector
 constexpr int kRowsPerTask = 32; // output rows one task computes, refilling the ring K-1 rows at its start
 constexpr int kGroupVectors = 16;  // channel vectors per task, at most: 512 contiguous bytes of a bf16 pixel
 constexpr int64_t kRingBytes = int64_t(1) << 20;  // the ring's budget: half of one core's L2 on current Xeons

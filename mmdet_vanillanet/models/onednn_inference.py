@@ -162,7 +162,9 @@ class _ChannelsLast:
     def pool_depthwise(x, pool, weight, bias, act):
         """The series activation ``act`` of ``x``, max-pooled first by ``pool`` (an int, or None for none); the
         project's kernel takes a 2x2 pool's maxima as it reads its input."""
-        if _uses_kernel(x.dtype, act) and pool in (None, 2):
+        if _uses_kernel(x.dtype, act):
+            if pool not in (None, 2):  # a custom arch's wider pool
+                x, pool = _ChannelsLast.max_pool(x, pool), None
             return cpu_kernels.depthwise_conv(x, weight, bias, pool or 1)
         if pool:
             x = _ChannelsLast.max_pool(x, pool)
