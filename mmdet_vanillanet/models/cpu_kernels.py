@@ -19,6 +19,8 @@ import torch
 
 KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
 _REBUILD = '`make install` (or `pip install --no-build-isolation -e .`)'
+_WITHOUT = ("so the fused backbone's bf16 and int8 paths use oneDNN's slower depthwise conv and torch's slower "
+            'layout copy')
 
 
 def load_from(folder):
@@ -30,16 +32,14 @@ def load_from(folder):
     """
     built = sorted(pathlib.Path(folder).glob('_cpu_kernels*.so'))
     if not built:
-        warnings.warn(f'VanillaNet: the compiled CPU kernels (_cpu_kernels*.so) are missing in {folder}, so the fused '
-                      "backbone's bf16 path uses oneDNN's slower depthwise conv and torch's slower layout copy; "
+        warnings.warn(f'VanillaNet: the compiled CPU kernels (_cpu_kernels*.so) are missing in {folder}, {_WITHOUT}; '
                       f'build them with {_REBUILD}.')
         return False
     try:
         torch.ops.load_library(str(built[0]))
     except OSError as error:  # built against another torch: undefined symbols
-        warnings.warn(f'VanillaNet: the compiled CPU kernels {built[0]} do not load into this torch ({error}), so the '
-                      "fused backbone's bf16 path uses oneDNN's slower depthwise conv and torch's slower layout copy; "
-                      f'rebuild them with {_REBUILD}.')
+        warnings.warn(f'VanillaNet: the compiled CPU kernels {built[0]} do not load into this torch ({error}), '
+                      f'{_WITHOUT}; rebuild them with {_REBUILD}.')
         return False
     return True
 
