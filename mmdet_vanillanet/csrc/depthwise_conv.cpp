@@ -13,7 +13,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+// x86-64 only; elsewhere (and with MMDET_VANILLANET_NO_AVX512 defined, how that build is tested) the library
+// still builds, reports the kernel unsupported, and the channels-last copy works alone.
+#if defined(__x86_64__) && !defined(MMDET_VANILLANET_NO_AVX512)
+#define MMDET_VANILLANET_AVX512 1
 #include <immintrin.h>
+#else
+#define MMDET_VANILLANET_AVX512 0
+#endif
 
 #include "huge_page_output.h"
 
@@ -30,6 +38,8 @@ constexpr int kTilesPerVector = 4; // tiles of one channel vector in a row, befo
 constexpr int kRowsPerTask = 32; // output rows one task computes, refilling the ring K-1 rows at its start
 constexpr int kGroupVectors = 16;  // channel vectors per task, at most: 512 contiguous bytes of a bf16 pixel
 constexpr int64_t kRingBytes = int64_t(1) << 20;  // the ring's budget: half of one core's L2 on current Xeons
+
+#if MMDET_VANILLANET_AVX512
 
 bool cpu_supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -220,6 +230,27 @@ void dispatch_kernel_size(const at::Tensor& x, const at::Tensor& weight, const a
   }
 }
 
+void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& y, int pool) {
+  if (x.scalar_type() == at::kBFloat16) {
+    dispatch_kernel_size(x, weight, bias, y, pool, Bf16{});
+  } else {
+    dispatch_kernel_size(x, weight, bias, y, pool, Fp32{});
+  }
+}
+
+void run_quantized(const at::Tensor& x, int64_t x_zero_point, const at::Tensor& weight, const at::Tensor& bias,
+                   double out_scale, int64_t out_zero_point, at::Tensor& y) {
+  dispatch_kernel_size(x, weight, bias, y, 1, make_uint8_codec(x_zero_point, out_scale, out_zero_point));
+}
+
+#else  // not x86-64: check_arguments refuses every call before these
+
+bool cpu_supported() { return false; }
+void run(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, int) {}
+void run_quantized(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, double, int64_t, at::Tensor&) {}
+
+#endif
+
 void check_arguments(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(cpu_supported(), "depthwise_conv_nhwc needs a CPU with AVX-512 (F, BW, VL) and AVX512_BF16");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "depthwise_conv_nhwc: x must be a 4-D CPU tensor, got sizes ",
@@ -245,11 +276,7 @@ at::Tensor depthwise_conv_nhwc(const at::Tensor& x, const at::Tensor& weight, co
   at::Tensor y = mmdet_vanillanet::empty_output({x.size(0), x.size(1), x.size(2) / pool, x.size(3) / pool}, x.options(),
                                                 at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
-  if (x.scalar_type() == at::kBFloat16) {
-    dispatch_kernel_size(x, weight, bias, y, int(pool), Bf16{});
-  } else {
-    dispatch_kernel_size(x, weight, bias, y, int(pool), Fp32{});
-  }
+  run(x, weight, bias, y, int(pool));
   return y;
 }
 
@@ -265,7 +292,7 @@ at::Tensor quantized_depthwise_conv_nhwc(const at::Tensor& x, int64_t x_zero_poi
   const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = mmdet_vanillanet::empty_output(input.sizes(), input.options(), at::MemoryFormat::ChannelsLast);
   if (x.numel() == 0) return y;
-  dispatch_kernel_size(input, weight, bias, y, 1, make_uint8_codec(x_zero_point, out_scale, out_zero_point));
+  run_quantized(input, x_zero_point, weight, bias, out_scale, out_zero_point, y);
   return y;
 }
 
