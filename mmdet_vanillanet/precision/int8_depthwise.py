@@ -20,8 +20,9 @@ def _only(node, target):
 
 
 def _get_attr(graph_module, node):
+    """The constant a ``get_attr`` node reads, or None for any other argument."""
     if not isinstance(node, torch.fx.Node) or node.op != 'get_attr':
-        raise ValueError(f'int8: expected a constant, got {node}')
+        return None
     value = graph_module
     for name in node.target.split('.'):
         value = getattr(value, name)
@@ -52,7 +53,10 @@ def _depthwise_match(conv):
     quantize = _only(next(iter(conv.users)), _ops.quantize_per_tensor.default)
     if dequantized_input is None or dequantized_weight is None or quantize is None:
         return None
-    weight_shape = tuple(_get_attr(conv.graph.owning_module, dequantized_weight.args[0]).shape)
+    q_weight = _get_attr(conv.graph.owning_module, dequantized_weight.args[0])
+    if q_weight is None:
+        return None
+    weight_shape = tuple(q_weight.shape)
     size = weight_shape[-1]
     if (len(weight_shape) != 4 or weight_shape[1] != 1 or weight_shape[0] != groups or weight_shape[2] != size
             or list(stride) != [1, 1] or list(dilation) != [1, 1] or list(padding) != [size // 2] * 2
@@ -68,11 +72,14 @@ def _kernel_weights(graph_module, dequantized_input, dequantized_weight, bias):
         return None
     q_weight, scales, zero_points = (_get_attr(graph_module, node) for node in dequantized_weight.args[:3])
     axis = dequantized_weight.args[3]
-    if axis != 0 or torch.any(zero_points != 0):
+    if scales is None or zero_points is None or axis != 0 or torch.any(zero_points != 0):
         return None
     weight = q_weight.float() * scales.float().view(-1, 1, 1, 1) * input_scale
     channels, _, size, _ = weight.shape
-    bias_value = torch.zeros(channels) if bias is None else _get_attr(graph_module, bias).detach().float()
+    bias_value = torch.zeros(channels) if bias is None else _get_attr(graph_module, bias)
+    if bias_value is None:
+        return None
+    bias_value = bias_value.detach().float()
     return weight.view(channels, size, size).permute(1, 2, 0).contiguous(), bias_value.contiguous()
 
 
