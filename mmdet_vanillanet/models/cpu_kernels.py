@@ -6,7 +6,7 @@
   with AVX512_BF16 and K in 3 ... 13; elsewhere the fast path keeps oneDNN's kernel.
 - ``quantized_depthwise_conv_nhwc``: the same conv between uint8 maps of PT2E's int8 backbone.
 - ``channels_last_to_nchw``: the copy of a channels-last map to NCHW-contiguous memory, 5-7x faster than
-  ``Tensor.contiguous()`` on these maps; any x86-64 CPU.
+  ``Tensor.contiguous()`` on these maps; any CPU.
 
 ``make install`` compiles them with the package. Without them (a hand-made install, a torch they were not built
 against) the fast paths run as before, on oneDNN's depthwise kernel and torch's copy, after one warning.
@@ -123,7 +123,7 @@ def quantized_depthwise_conv(x, x_zero_point, weight, bias, out_scale, out_zero_
 
 def contiguous(x):
     """``x.contiguous()``, through the blocked copy where ``x`` is a channels-last CPU map of 2- or 4-byte
-    elements (what the fused backbone's bf16 and int8 paths return).
+    elements (what the fused backbone's bf16 path returns).
 
     Args:
         x (Tensor): any tensor.

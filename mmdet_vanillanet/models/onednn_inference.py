@@ -1,5 +1,6 @@
 """The fused VanillaNet's CPU inference fast path through oneDNN's convolutions (fp32 on its blocked layout, bf16
-on channels-last tensors), and the probe that decides whether this torch build can run it.
+on channels-last tensors, where the series activations run on the project's depthwise kernel,
+:mod:`.cpu_kernels`, wherever it runs), and the probe that decides whether this torch build can run it.
 
 The fast path calls ``torch.ops.mkldnn._convolution_pointwise``, a private op of PyTorch's oneDNN
 integration (the one ``torch.compile``'s CPU backend lowers convolutions to). A private op can change or

@@ -12,7 +12,6 @@ import torch
 from ..models import cpu_kernels
 
 _ops = torch.ops.quantized_decomposed
-_CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
 
 
 def _only(node, target):
@@ -30,12 +29,8 @@ def _get_attr(graph_module, node):
 
 
 def _conv_arguments(conv):
-    """(input, weight, bias, stride, padding, dilation, groups) of an aten conv node, defaults filled in."""
-    args = list(conv.args) + [None] * (7 - len(conv.args))
-    input, weight, bias, stride, padding, dilation = args[:6]
-    groups = args[8] if conv.target == torch.ops.aten.convolution.default else args[6]
-    if conv.target == torch.ops.aten.convolution.default and (args[6] or any(args[7] or [])):
-        return None  # transposed
+    """(input, weight, bias, stride, padding, dilation, groups) of an ``aten.conv2d`` node, defaults filled in."""
+    input, weight, bias, stride, padding, dilation, groups = list(conv.args) + [None] * (7 - len(conv.args))
     return input, weight, bias, stride or [1, 1], padding or [0, 0], dilation or [1, 1], groups or 1
 
 
@@ -44,10 +39,9 @@ def _depthwise_match(conv):
 
     An activation whose output the backbone returns is left to oneDNN: its fp32 output is used as well.
     """
-    parts = _conv_arguments(conv)
-    if parts is None or len(conv.users) != 1:
+    if len(conv.users) != 1:
         return None
-    input, weight, bias, stride, padding, dilation, groups = parts
+    input, weight, bias, stride, padding, dilation, groups = _conv_arguments(conv)
     dequantized_input = _only(input, _ops.dequantize_per_tensor.default)
     dequantized_weight = _only(weight, _ops.dequantize_per_channel.default)
     quantize = _only(next(iter(conv.users)), _ops.quantize_per_tensor.default)
@@ -95,7 +89,7 @@ def put_depthwise_on_kernel(graph_module):
     """
     graph = graph_module.graph
     rewritten = 0
-    for conv in [node for node in graph.nodes if node.op == 'call_function' and node.target in _CONVS]:
+    for conv in [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]:
         match = _depthwise_match(conv)
         if match is None:
             continue
